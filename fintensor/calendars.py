@@ -1,0 +1,93 @@
+"""Trading calendars (exchange_calendars): the time axis is the exchange's sessions, not whatever rows exist."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from .errors import BadInputError
+from . import symbols as _symbols
+
+# Names users write -> exchange_calendars names. Shenzhen trades on Shanghai's calendar.
+ALIASES = {
+    "XSHE": "XSHG", "SSE": "XSHG", "SZSE": "XSHG", "SHSE": "XSHG", "CN": "XSHG",
+    "NYSE": "XNYS", "NASDAQ": "XNYS", "XNAS": "XNYS", "US": "XNYS",
+}
+_EARLIEST = "1990-12-19"
+
+
+def resolve(name: str) -> str:
+    """Canonical exchange_calendars name for ``name`` (alias-aware), or BadInputError."""
+    import exchange_calendars as xc
+
+    up = str(name).upper()
+    key = ALIASES.get(up, up)
+    if key not in xc.get_calendar_names():
+        raise BadInputError(
+            f"unknown calendar {name!r}; use an exchange_calendars name such as XNYS or XSHG "
+            f"(aliases: {', '.join(sorted(ALIASES))})"
+        )
+    return key
+
+
+@lru_cache(maxsize=None)
+def get(name: str):
+    """The exchange_calendars calendar, covering history back to 1990 where the library allows."""
+    import exchange_calendars as xc
+
+    key = resolve(name)
+    try:
+        return xc.get_calendar(key, start=_EARLIEST)
+    except Exception:  # some calendars refuse early starts; their default range still works
+        return xc.get_calendar(key)
+
+
+def for_symbols(symbols: Iterable[str]) -> list[str]:
+    """Distinct calendars the symbols trade on, in first-seen order."""
+    out: list[str] = []
+    for s in symbols:
+        name = _symbols.exchange(s)
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def sessions(name: str, start, end) -> np.ndarray:
+    """Session dates (datetime64[D]) of calendar ``name`` within [start, end], both inclusive."""
+    cal = get(name)
+    lo, hi = pd.Timestamp(start), pd.Timestamp(end)
+    if lo > hi:
+        raise BadInputError(f"start {lo.date()} is after end {hi.date()}")
+    first, last = cal.first_session, cal.last_session
+    if hi < first or lo > last:
+        raise BadInputError(
+            f"range {lo.date()}..{hi.date()} is outside calendar {cal.name}'s coverage "
+            f"{first.date()}..{last.date()}"
+        )
+    idx = cal.sessions_in_range(max(lo, first), min(hi, last))
+    return idx.values.astype("datetime64[D]")
+
+
+def segments(name: str, days: np.ndarray) -> np.ndarray:
+    """Continuous-trading segments per session, UTC nanoseconds, shape (D, S, 2).
+
+    S is 2 where the exchange has a lunch break (XSHG: 09:30-11:30, 13:00-15:00) and 1 otherwise.
+    """
+    cal = get(name)
+    idx = pd.DatetimeIndex(np.asarray(days, dtype="datetime64[ns]"))
+    opens = cal.opens.reindex(idx)
+    closes = cal.closes.reindex(idx)
+    if opens.isna().any():
+        bad = idx[opens.isna().to_numpy()][0].date()
+        raise BadInputError(f"{bad} is not a {cal.name} session")
+    o = opens.to_numpy().astype("datetime64[ns]").astype(np.int64)
+    c = closes.to_numpy().astype("datetime64[ns]").astype(np.int64)
+    bs = cal.break_starts.reindex(idx)
+    if bs.notna().any():
+        be = cal.break_ends.reindex(idx)
+        bsv = bs.to_numpy().astype("datetime64[ns]").astype(np.int64)
+        bev = be.to_numpy().astype("datetime64[ns]").astype(np.int64)
+        return np.stack([np.stack([o, bsv], -1), np.stack([bev, c], -1)], axis=1)
+    return np.stack([o, c], -1)[:, None, :]

@@ -1,0 +1,1015 @@
+"""The Parquet store: a hive-partitioned cache of bars and ticks that DuckDB, Polars and Spark read directly.
+
+Layout (``root`` = ``$FINTENSOR_HOME`` or the platform's user cache dir)::
+
+    bars/interval=1d/symbol=AAPL/part-<id>.parquet      daily bars, keyed by exchange-local session date
+    bars/interval=1m/symbol=AAPL/part-<id>.parquet      intraday bars, keyed by UTC instant
+    ticks/symbol=000001.SZ/date=2019-02-01/part-<id>.parquet
+    <each partition>/_manifest.json                    source, range, rows, adjustment, tz, checksums
+
+A partition is a set of immutable part files plus the manifest that lists them. The manifest is the
+commit point: new parts are written aside, fsynced and renamed in, then the manifest is replaced
+atomically, then superseded parts are deleted. A crash at any moment leaves the old or the new
+manifest, never a mix; files no manifest lists are leftovers that the next write (or
+``verify(repair=True)``) removes. Writers hold an inter-process lock; readers need none.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import symbols as _symbols
+from .errors import BadInputError, ConflictError, MissingDataError, StoreCorruptError
+
+FORMAT_VERSION = 1
+F64 = pa.float64()
+UTC_NS = pa.timestamp("ns", tz="UTC")
+
+#: Daily (and weekly/monthly) bars: one row per exchange-local session date.
+DAILY_SCHEMA = pa.schema([
+    ("date", pa.date32()),
+    ("open", F64), ("high", F64), ("low", F64), ("close", F64),
+    ("adj_close", F64),      # fully adjusted close (splits and dividends), when the source has it
+    ("volume", F64),         # shares (lots converted on import)
+    ("amount", F64),         # traded value in the quote currency
+    ("turnover", F64),       # percent of float traded
+    ("pre_close", F64),      # exchange's reference previous close (ex-right adjusted)
+    ("dividend", F64),       # cash dividend per share on its ex-date; 0 = none, null = unknown
+    ("split", F64),          # split ratio on its ex-date (7.0 for 7:1); 1 = none, null = unknown
+    ("trade_status", pa.int8()),  # 1 traded, 0 suspended; null = unknown
+])
+#: Intraday bars: one row per bar, labelled by the bar's start instant (UTC); ``date`` is the local session.
+INTRADAY_SCHEMA = pa.schema([
+    ("time", UTC_NS), ("date", pa.date32()),
+    ("open", F64), ("high", F64), ("low", F64), ("close", F64),
+    ("volume", F64), ("amount", F64),
+])
+#: Ticks (trades and/or quotes); ``seq`` orders records that share an instant. Partitioned by local date.
+TICK_SCHEMA = pa.schema([
+    ("time", UTC_NS), ("seq", pa.int32()),
+    ("price", F64), ("volume", F64), ("amount", F64),
+    ("side", pa.int8()),     # 0 buy, 1 sell, 2 auction/unknown
+    ("bid", F64), ("bid_size", F64), ("ask", F64), ("ask_size", F64),
+])
+SCHEMAS = {"daily": DAILY_SCHEMA, "intraday": INTRADAY_SCHEMA, "ticks": TICK_SCHEMA}
+KEYS = {"daily": ("date",), "intraday": ("time",), "ticks": ("time", "seq")}
+NONNEGATIVE = {"open", "high", "low", "close", "adj_close", "volume", "amount", "turnover", "pre_close",
+               "dividend", "price", "bid", "bid_size", "ask", "ask_size"}
+ADJUSTMENTS = ("raw", "split", "full")
+
+_INTERVAL_ALIASES = {
+    "1d": "1d", "d": "1d", "day": "1d", "daily": "1d", "1day": "1d",
+    "1wk": "1wk", "1w": "1wk", "week": "1wk", "weekly": "1wk",
+    "1mo": "1mo", "month": "1mo", "monthly": "1mo",
+    "1m": "1m", "1min": "1m", "2m": "2m", "5m": "5m", "5min": "5m", "15m": "15m", "15min": "15m",
+    "30m": "30m", "30min": "30m", "60m": "60m", "1h": "60m", "60min": "60m", "90m": "90m",
+}
+DAILY_INTERVALS = ("1d", "1wk", "1mo")
+
+
+def parse_interval(interval: str) -> str:
+    """Canonical interval name ('1d', '1m', '5m', '60m', ...) or a BadInputError listing the valid ones."""
+    key = str(interval).strip().lower()
+    if key not in _INTERVAL_ALIASES:
+        valid = ", ".join(sorted(set(_INTERVAL_ALIASES.values()), key=lambda s: (s[-1], len(s), s)))
+        raise BadInputError(f"unknown interval {interval!r}; use one of {valid}")
+    return _INTERVAL_ALIASES[key]
+
+
+def interval_kind(interval: str) -> str:
+    return "daily" if parse_interval(interval) in DAILY_INTERVALS else "intraday"
+
+
+def default_root() -> Path:
+    """``$FINTENSOR_HOME`` if set, else the platform's user cache dir (platformdirs)."""
+    env = os.environ.get("FINTENSOR_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("fintensor", appauthor=False))
+
+
+@dataclasses.dataclass
+class WriteResult:
+    """What one partition write did. ``noop`` means the store was not touched at all."""
+
+    symbol: str
+    kind: str
+    partition: str
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    conflicts: int = 0
+    noop: bool = False
+
+
+@dataclasses.dataclass
+class Problem:
+    """One finding of ``Store.verify``: the file at fault and what is wrong with it."""
+
+    path: str
+    message: str
+    repaired: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" + (" (repaired)" if self.repaired else "")
+
+
+# --------------------------------------------------------------------------------------------- files
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write aside, fsync, rename over ``path``, fsync the directory: all of it or none of it."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", write_page_checksum=True, row_group_size=1 << 20)
+    return sink.getvalue().to_pybytes()
+
+
+# ------------------------------------------------------------------------------------ table hygiene
+def _to_arrow(data) -> pa.Table:
+    if isinstance(data, pa.Table):
+        return data
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover
+        pd = None
+    if pd is not None and isinstance(data, pd.DataFrame):
+        return pa.Table.from_pandas(data, preserve_index=False)
+    raise BadInputError(f"expected a pyarrow Table or pandas DataFrame, got {type(data).__name__}")
+
+
+def _describe_key(table: pa.Table, kind: str, i: int) -> str:
+    return ", ".join(f"{k}={table.column(k)[i].as_py()}" for k in KEYS[kind])
+
+
+def conform(data, kind: str, label: str = "") -> pa.Table:
+    """Cast ``data`` to the kind's schema, validate values, sort by key and drop exact duplicates.
+
+    Raises BadInputError naming the column, the row and the value for unknown columns, missing keys,
+    uncastable values, inf, negative prices or volumes, and duplicate keys with different values.
+    """
+    schema = SCHEMAS[kind]
+    table = _to_arrow(data)
+    where = f"{label}: " if label else ""
+    unknown = [n for n in table.column_names if n not in schema.names]
+    if unknown:
+        raise BadInputError(f"{where}unknown column(s) {unknown}; the {kind} schema has {schema.names}")
+    missing = [k for k in KEYS[kind] if k not in table.column_names and k != "seq"]
+    if missing:
+        raise BadInputError(f"{where}missing key column(s) {missing}")
+    if table.num_rows == 0:
+        raise BadInputError(f"{where}no rows to write (the input is empty)")
+    cols = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            try:
+                col = col.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise BadInputError(f"{where}column {field.name!r} cannot be read as {field.type}: {exc}") from None
+            if pa.types.is_floating(field.type):
+                bad_inf = pc.is_inf(col)
+                if pc.any(bad_inf).as_py():
+                    i = pc.index(bad_inf, True).as_py()
+                    raise BadInputError(f"{where}column {field.name!r} has an infinite value at row {i}; "
+                                        "fix or drop that row")
+                col = pc.if_else(pc.is_nan(col), pa.scalar(None, F64), col)
+            if field.name in NONNEGATIVE:
+                neg = pc.fill_null(pc.less(col, 0), False)
+                if pc.any(neg).as_py():
+                    i = pc.index(neg, True).as_py()
+                    raise BadInputError(f"{where}column {field.name!r} has a negative value {col[i].as_py()} "
+                                        f"at row {i}; prices and volumes must be >= 0")
+            if field.name == "split":
+                nonpos = pc.fill_null(pc.less_equal(col, 0), False)
+                if pc.any(nonpos).as_py():
+                    raise BadInputError(f"{where}column 'split' must be > 0 (1 = no split)")
+        elif field.name == "seq":
+            col = pa.nulls(table.num_rows, field.type)  # filled below
+        else:
+            col = pa.nulls(table.num_rows, field.type)
+        cols.append(col)
+    out = pa.Table.from_arrays(cols, schema=schema)
+    for k in KEYS[kind]:
+        if k != "seq" and out.column(k).null_count:
+            i = pc.index(pc.is_null(out.column(k)), True).as_py()
+            raise BadInputError(f"{where}key column {k!r} is empty at row {i}")
+    if kind == "ticks" and out.column("seq").null_count == out.num_rows:
+        out = out.set_column(1, "seq", pa.array(_seq_within_time(out.column("time")), pa.int32()))
+    if kind == "ticks":
+        order = pc.sort_indices(out, [("time", "ascending"), ("seq", "ascending")])
+    else:
+        order = pc.sort_indices(out, [(KEYS[kind][0], "ascending")])
+    out = out.take(order)
+    return _dedupe(out, kind, where)
+
+
+def _seq_within_time(times: pa.ChunkedArray) -> np.ndarray:
+    """0, 1, 2... for records sharing an instant, in input order (a stable sort keeps it)."""
+    t = times.to_numpy().astype("int64")
+    order = np.argsort(t, kind="stable")
+    ts = t[order]
+    start = np.r_[True, ts[1:] != ts[:-1]]
+    run_start = np.maximum.accumulate(np.where(start, np.arange(len(ts)), 0))
+    seq = np.empty(len(t), np.int64)
+    seq[order] = np.arange(len(ts)) - run_start
+    return seq
+
+
+def _keys(kind: str, *tables: pa.Table) -> list[np.ndarray]:
+    """Sortable int64 keys, comparable across ``tables`` (daily: days; intraday: ns; ticks: ranks)."""
+    if kind == "daily":
+        return [t.column("date").cast(pa.int32()).to_numpy().astype(np.int64) for t in tables]
+    times = [t.column("time").cast(pa.int64()).to_numpy() for t in tables]
+    if kind != "ticks":
+        return times
+    # (time, seq) pairs -> dense lexicographic ranks over all tables together
+    seqs = [t.column("seq").cast(pa.int64()).to_numpy() for t in tables]
+    t_all, s_all = np.concatenate(times), np.concatenate(seqs)
+    order = np.lexsort((s_all, t_all))
+    ts, ss = t_all[order], s_all[order]
+    new_group = np.r_[True, (ts[1:] != ts[:-1]) | (ss[1:] != ss[:-1])]
+    ranks = np.empty(len(order), np.int64)
+    ranks[order] = np.cumsum(new_group) - 1
+    return np.split(ranks, np.cumsum([len(x) for x in times])[:-1])
+
+
+def _key_array(table: pa.Table, kind: str) -> np.ndarray:
+    return _keys(kind, table)[0]
+
+
+def _values_equal(a: pa.Table, b: pa.Table) -> np.ndarray:
+    """Row-wise equality of two aligned tables (nulls equal nulls; floats to 1e-10 relative)."""
+    eq = np.ones(a.num_rows, bool)
+    for name in a.column_names:
+        x, y = a.column(name), b.column(name)
+        xn, yn = x.is_null().to_numpy(zero_copy_only=False), y.is_null().to_numpy(zero_copy_only=False)
+        if pa.types.is_floating(x.type):
+            xv = x.fill_null(0).to_numpy()
+            yv = y.fill_null(0).to_numpy()
+            same = np.abs(xv - yv) <= 1e-10 * np.maximum(np.abs(xv), np.abs(yv))
+        else:
+            same = x.fill_null(0).to_numpy() == y.fill_null(0).to_numpy()
+        eq &= (xn & yn) | (~xn & ~yn & same)
+    return eq
+
+
+def _dedupe(table: pa.Table, kind: str, where: str) -> pa.Table:
+    keys = _key_array(table, kind)
+    if len(keys) < 2:
+        return table
+    dup = keys[1:] == keys[:-1]
+    if not dup.any():
+        return table
+    idx = np.nonzero(dup)[0]
+    a, b = table.take(pa.array(idx)), table.take(pa.array(idx + 1))
+    same = _values_equal(a, b)
+    if not same.all():
+        i = int(idx[~same][0])
+        raise ConflictError(
+            f"{where}duplicate timestamp {_describe_key(table, kind, i)} with different values "
+            f"in the new data ({int((~same).sum())} such rows); keep one row per timestamp"
+        )
+    keep = np.ones(table.num_rows, bool)
+    keep[idx + 1] = False
+    return table.filter(pa.array(keep))
+
+
+# -------------------------------------------------------------------------------------------- store
+class Store:
+    """A local Parquet cache of market data. ``Store()`` uses ``$FINTENSOR_HOME`` or the user cache dir."""
+
+    def __init__(self, root: str | os.PathLike | None = None, *, lock_timeout: float | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_root()
+        if self.root.exists() and not self.root.is_dir():
+            raise BadInputError(f"store path {self.root} exists and is not a directory")
+        self.lock_timeout = float(os.environ.get("FINTENSOR_LOCK_TIMEOUT", 600)) if lock_timeout is None \
+            else lock_timeout
+        self._lock = None
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # ----------------------------------------------------------------------------------- locking
+    def lock(self):
+        """The store's inter-process write lock (reentrant; released by the OS if the holder dies)."""
+        if self._lock is None:
+            from filelock import FileLock
+
+            self._ensure_writable()
+            self._lock = FileLock(str(self.root / ".lock"), timeout=self.lock_timeout)
+        return _LockContext(self._lock, self.root, self.lock_timeout)
+
+    def _ensure_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise BadInputError(
+                f"store path {self.root} is not writable ({exc.strerror}); choose another with --store "
+                "or $FINTENSOR_HOME"
+            ) from None
+
+    # ------------------------------------------------------------------------------------- paths
+    def partition_dir(self, symbol: str, interval: str = "1d", date: str | dt.date | None = None,
+                      kind: str | None = None) -> Path:
+        seg = _symbols.path_segment(symbol)
+        if kind == "ticks":
+            if date is None:
+                return self.root / "ticks" / f"symbol={seg}"
+            return self.root / "ticks" / f"symbol={seg}" / f"date={_iso(date)}"
+        return self.root / "bars" / f"interval={parse_interval(interval)}" / f"symbol={seg}"
+
+    # ------------------------------------------------------------------------------------ writing
+    def write_bars(self, symbol: str, data, *, interval: str = "1d", source: str,
+                   adjustment: str = "raw", adjusted_as_of: str | None = None,
+                   timezone: str | None = None, units: dict | None = None,
+                   on_conflict: str = "error", alias: str | None = None) -> WriteResult:
+        """Merge bars into ``symbol``'s partition: de-duplicate, keep sorted, report conflicts.
+
+        ``on_conflict``: "error" (default: raise ConflictError and write nothing), "keep" (stored
+        values win) or "overwrite" (new values win; also replaces a partition of another adjustment).
+        """
+        sym = _symbols.normalize(symbol)
+        interval = parse_interval(interval)
+        kind = interval_kind(interval)
+        if adjustment not in ADJUSTMENTS:
+            raise BadInputError(f"unknown adjustment {adjustment!r}; use one of {ADJUSTMENTS}")
+        table = conform(data, kind, f"{sym} {interval}")
+        meta = dict(kind=kind, symbol=sym, interval=interval, source=source, adjustment=adjustment,
+                    adjusted_as_of=adjusted_as_of, timezone=timezone or _symbols.timezone(sym),
+                    units=units or {"volume": "shares", "price_scale": 1})
+        with self.lock():
+            result = self._merge(self.partition_dir(sym, interval), table, meta, on_conflict)
+            if alias:
+                self._record_alias(alias, sym)
+        return result
+
+    def write_ticks(self, symbol: str, data, *, source: str, timezone: str | None = None,
+                    units: dict | None = None, on_conflict: str = "error",
+                    alias: str | None = None) -> list[WriteResult]:
+        """Merge tick records into per-(symbol, local date) partitions."""
+        sym = _symbols.normalize(symbol)
+        tz = timezone or _symbols.timezone(sym)
+        table = conform(data, "ticks", f"{sym} ticks")
+        days = _local_dates(table.column("time"), tz)
+        meta = dict(kind="ticks", symbol=sym, interval="tick", source=source, adjustment="raw",
+                    adjusted_as_of=None, timezone=tz, units=units or {"volume": "shares", "price_scale": 1})
+        results = []
+        with self.lock():
+            for day in np.unique(days):
+                part = table.filter(pa.array(days == day))
+                d = dt.date.fromordinal(int(day) + dt.date(1970, 1, 1).toordinal())
+                results.append(self._merge(self.partition_dir(sym, date=d, kind="ticks"), part,
+                                           dict(meta, date=d.isoformat()), on_conflict))
+            if alias:
+                self._record_alias(alias, sym)
+        return results
+
+    def _merge(self, pdir: Path, table: pa.Table, meta: dict, on_conflict: str) -> WriteResult:
+        if on_conflict not in ("error", "keep", "overwrite"):
+            raise BadInputError(f"on_conflict must be 'error', 'keep' or 'overwrite', not {on_conflict!r}")
+        kind = meta["kind"]
+        label = f"{meta['symbol']} {meta.get('date') or meta['interval']}"
+        result = WriteResult(meta["symbol"], kind, str(pdir.relative_to(self.root)))
+        old = self._load_manifest(pdir)
+        if old is not None:
+            self._cleanup(pdir, old)
+        if old is not None and on_conflict != "overwrite":
+            for field in ("adjustment", "timezone"):
+                if old.get(field) != meta.get(field):
+                    raise ConflictError(
+                        f"{label}: the store holds {field} {old.get(field)!r} (source {old.get('source')}), "
+                        f"the new rows are {meta.get(field)!r}; remove the stored data first "
+                        f"(fintensor cache rm {meta['symbol']}) or pass on_conflict='overwrite'"
+                    )
+        replace_all = old is not None and on_conflict == "overwrite" and any(
+            old.get(f) != meta.get(f) for f in ("adjustment", "timezone"))
+        new_keys = _key_array(table, kind)
+        parts = [] if (old is None or replace_all) else list(old["parts"])
+        if parts and kind != "ticks" and new_keys[0] > _key_scalar(old["end_key"]):
+            merged, appended = None, table  # pure append: a new part, nothing rewritten
+            result.added = table.num_rows
+        elif parts:
+            existing = self._read_parts(pdir, parts)
+            merged, stats = _merge_tables(existing, table, kind, on_conflict, label)
+            result.added, result.updated, result.unchanged, result.conflicts = stats
+            appended = None
+            if result.added == 0 and result.updated == 0:
+                result.noop = True
+                return result
+        else:
+            merged, appended = table, None
+            result.added = table.num_rows
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        pdir.mkdir(parents=True, exist_ok=True)
+        if appended is not None:
+            new_part = self._write_part(pdir, appended, kind)
+            parts = parts + [new_part]
+            if len(parts) > 16:  # compact: keep reads cheap after many appends
+                merged, parts, appended = self._read_parts(pdir, parts), [], None
+        if merged is not None:
+            parts = [self._write_part(pdir, merged, kind)]
+        manifest = self._manifest(meta, parts, old, now)
+        atomic_write_bytes(pdir / "_manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        self._cleanup(pdir, manifest)
+        return result
+
+    def _write_part(self, pdir: Path, table: pa.Table, kind: str) -> dict:
+        data = _table_bytes(table)
+        name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+        atomic_write_bytes(pdir / name, data)
+        keys = table.column(KEYS[kind][0])
+        return {"file": name, "rows": table.num_rows, "bytes": len(data), "sha256": _sha256(data),
+                "start": _jsonable(keys[0].as_py()), "end": _jsonable(keys[-1].as_py()),
+                "start_key": _key_json(table, kind, 0), "end_key": _key_json(table, kind, -1)}
+
+    def _manifest(self, meta: dict, parts: list[dict], old: dict | None, now: str) -> dict:
+        parts = sorted(parts, key=lambda p: p["start_key"])
+        history = list((old or {}).get("history", []))
+        history.append({"source": meta["source"], "at": now})
+        m = dict(meta)
+        m.update(
+            format=FORMAT_VERSION,
+            created=(old or {}).get("created", now),
+            updated=now,
+            history=history[-20:],
+            parts=parts,
+            rows=sum(p["rows"] for p in parts),
+            start=parts[0]["start"], end=parts[-1]["end"],
+            start_key=parts[0]["start_key"], end_key=parts[-1]["end_key"],
+            checksum=_sha256("".join(p["sha256"] for p in parts).encode()),
+        )
+        if meta["kind"] != "daily":
+            d0, d1 = (self._read_parts_dates(parts, meta))
+            m["start_date"], m["end_date"] = d0, d1
+        return m
+
+    def _read_parts_dates(self, parts, meta):
+        if meta["kind"] == "ticks":
+            return meta["date"], meta["date"]
+        tz = meta["timezone"]
+        import pandas as pd
+
+        lo = pd.Timestamp(parts[0]["start"]).tz_convert(tz).date().isoformat()
+        hi = pd.Timestamp(parts[-1]["end"]).tz_convert(tz).date().isoformat()
+        return lo, hi
+
+    def _cleanup(self, pdir: Path, manifest: dict) -> list[str]:
+        """Delete files the manifest does not list (leftovers of interrupted or superseded writes)."""
+        keep = {p["file"] for p in manifest["parts"]} | {"_manifest.json"}
+        removed = []
+        for f in pdir.iterdir():
+            if f.is_file() and f.name not in keep:
+                f.unlink(missing_ok=True)
+                removed.append(f.name)
+        if removed:
+            _fsync_dir(pdir)
+        return removed
+
+    def _record_alias(self, alias: str, symbol: str) -> None:
+        alias = alias.strip()
+        if alias == symbol:
+            return
+        path = self.root / "aliases.json"
+        aliases = json.loads(path.read_text()) if path.exists() else {}
+        if aliases.get(alias) != symbol:
+            aliases[alias] = symbol
+            atomic_write_bytes(path, json.dumps(aliases, indent=1, sort_keys=True).encode())
+
+    def aliases(self) -> dict[str, str]:
+        """User spellings seen on import or download, mapped to canonical symbols."""
+        path = self.root / "aliases.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    # ------------------------------------------------------------------------------------ reading
+    def _load_manifest(self, pdir: Path) -> dict | None:
+        path = pdir / "_manifest.json"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise StoreCorruptError(f"{path}: manifest is not valid JSON; run `fintensor cache verify`") from None
+
+    def manifest(self, symbol: str, interval: str = "1d", date=None) -> dict | None:
+        """The partition's manifest (source, range, rows, adjustment, timezone, checksums) or None."""
+        kind = "ticks" if date is not None else None
+        return self._load_manifest(self.partition_dir(symbol, interval, date=date, kind=kind))
+
+    def _read_parts(self, pdir: Path, parts: Sequence[dict], columns: Sequence[str] | None = None,
+                    verify: bool = True) -> pa.Table:
+        tables = []
+        for p in parts:
+            path = pdir / p["file"]
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise _Vanished(path) from None
+            if len(data) != p["bytes"]:
+                raise StoreCorruptError(
+                    f"{path}: {len(data)} bytes where the manifest says {p['bytes']} (truncated or replaced); "
+                    "it was not read. Re-import the data or run `fintensor cache rm` on the symbol")
+            if verify and _sha256(data) != p["sha256"]:
+                raise StoreCorruptError(
+                    f"{path}: checksum mismatch (the file is corrupted); it was not read. "
+                    "Re-import the data or run `fintensor cache rm` on the symbol")
+            try:
+                tables.append(pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None))
+            except (pa.ArrowException, OSError) as exc:
+                raise StoreCorruptError(f"{path}: unreadable Parquet ({exc})") from None
+        if not tables:
+            return SCHEMAS["daily"].empty_table()
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def read_partition(self, symbol: str, interval: str = "1d", start=None, end=None,
+                       columns: Sequence[str] | None = None, verify: bool = True) -> pa.Table:
+        """One symbol's bars in [start, end] (session dates, inclusive) without a symbol column."""
+        interval = parse_interval(interval)
+        kind = interval_kind(interval)
+        sym = _symbols.normalize(symbol)
+        pdir = self.partition_dir(sym, interval)
+        cols = _check_columns(columns, kind)
+        for attempt in range(20):  # a concurrent compaction can delete parts under us: re-read
+            man = self._load_manifest(pdir)
+            if man is None:
+                raise MissingDataError(
+                    f"no {interval} bars for {sym} in the store at {self.root}; get them with "
+                    f"`fintensor download {sym} --interval {interval}` or `fintensor import FILE`")
+            lo, hi = _date_bound(start), _date_bound(end)
+            parts = [p for p in man["parts"] if _part_overlaps(p, lo, hi, kind)]
+            need = None if cols is None else list(dict.fromkeys(list(KEYS[kind][:1]) + ["date"] + cols))
+            try:
+                table = self._read_parts(pdir, parts, need, verify)
+                break
+            except _Vanished:
+                time.sleep(0.01 * (attempt + 1))
+        else:  # pragma: no cover
+            raise StoreCorruptError(f"{pdir}: parts kept vanishing while reading")
+        if parts == []:
+            table = SCHEMAS[kind].empty_table()
+            if need:
+                table = table.select(need)
+        if lo is not None or hi is not None:
+            d = table.column("date")
+            m = pc.and_(pc.greater_equal(d, lo) if lo else pc.is_valid(d),
+                        pc.less_equal(d, hi) if hi else pc.is_valid(d))
+            table = table.filter(m)
+        return table
+
+    def read(self, symbols: str | Iterable[str] | None = None, start=None, end=None,
+             interval: str = "1d", columns: Sequence[str] | None = None, *, as_pandas: bool = False,
+             verify: bool = True):
+        """Bars of ``symbols`` in [start, end] as one Arrow table (``symbol`` column first).
+
+        Reads only the partitions, part files and columns needed. ``as_pandas=True`` returns a DataFrame.
+        """
+        if symbols is None:
+            syms = [e["symbol"] for e in self.list() if e["kind"] != "ticks"
+                    and e["interval"] == parse_interval(interval)]
+        else:
+            syms = [_symbols.normalize(s) for s in ([symbols] if isinstance(symbols, str) else symbols)]
+        out = []
+        for s in syms:
+            t = self.read_partition(s, interval, start, end, columns, verify)
+            out.append(t.add_column(0, "symbol", pa.array([s] * t.num_rows, pa.string())))
+        if out:
+            table = pa.concat_tables(out)
+        else:
+            kind = interval_kind(interval)
+            table = SCHEMAS[kind].empty_table()
+            table = table.add_column(0, "symbol", pa.array([], pa.string()))
+        return table.to_pandas() if as_pandas else table
+
+    def read_ticks(self, symbols: str | Iterable[str], start=None, end=None,
+                   columns: Sequence[str] | None = None, *, as_pandas: bool = False,
+                   verify: bool = True):
+        """Tick records of ``symbols`` on session dates [start, end] with ``symbol`` and ``date`` columns."""
+        syms = [_symbols.normalize(s) for s in ([symbols] if isinstance(symbols, str) else symbols)]
+        cols = _check_columns(columns, "ticks")
+        need = None if cols is None else list(dict.fromkeys(["time", "seq"] + cols))
+        lo, hi = _date_bound(start), _date_bound(end)
+        out = []
+        for s in syms:
+            base = self.partition_dir(s, kind="ticks")
+            days = sorted(p.name[5:] for p in base.glob("date=*")) if base.exists() else []
+            days = [d for d in days if (lo is None or d >= lo.isoformat()) and (hi is None or d <= hi.isoformat())]
+            if not days:
+                raise MissingDataError(
+                    f"no ticks for {s} between {start} and {end} in the store at {self.root}; "
+                    f"import them with `fintensor import FILE --ticks`")
+            for d in days:
+                pdir = base / f"date={d}"
+                man = self._load_manifest(pdir)
+                if man is None:
+                    continue
+                t = self._read_parts(pdir, man["parts"], need, verify)
+                t = t.add_column(0, "date", pa.array([dt.date.fromisoformat(d)] * t.num_rows, pa.date32()))
+                out.append(t.add_column(0, "symbol", pa.array([s] * t.num_rows, pa.string())))
+        table = pa.concat_tables(out) if out else TICK_SCHEMA.empty_table()
+        return table.to_pandas() if as_pandas else table
+
+    # ---------------------------------------------------------------------------------- inventory
+    def _manifests(self):
+        for path in sorted(self.root.glob("bars/interval=*/symbol=*/_manifest.json")):
+            yield path.parent, path
+        for path in sorted(self.root.glob("ticks/symbol=*/date=*/_manifest.json")):
+            yield path.parent, path
+
+    def list(self) -> list[dict]:
+        """One entry per (symbol, interval) — ticks summed over their dates — sorted by symbol."""
+        entries: dict[tuple, dict] = {}
+        for pdir, path in self._manifests():
+            m = self._load_manifest(pdir)
+            if m is None:
+                continue
+            kind = m["kind"]
+            key = (m["symbol"], "tick" if kind == "ticks" else m["interval"])
+            start = m.get("start_date", m["start"])
+            end = m.get("end_date", m["end"])
+            e = entries.get(key)
+            if e is None:
+                entries[key] = dict(symbol=m["symbol"], kind=kind, interval=key[1], start=start, end=end,
+                                    rows=m["rows"], source=m["source"], adjustment=m["adjustment"],
+                                    timezone=m["timezone"], partitions=1, updated=m["updated"])
+            else:
+                e["start"], e["end"] = min(e["start"], start), max(e["end"], end)
+                e["rows"] += m["rows"]
+                e["partitions"] += 1
+                e["updated"] = max(e["updated"], m["updated"])
+        return [entries[k] for k in sorted(entries)]
+
+    def symbols(self, interval: str = "1d") -> list[str]:
+        iv = parse_interval(interval)
+        return [e["symbol"] for e in self.list() if e["interval"] == iv]
+
+    def info(self, symbol: str) -> list[dict]:
+        """Every manifest stored for ``symbol`` (all intervals and tick dates)."""
+        sym = _symbols.normalize(symbol)
+        seg = _symbols.path_segment(sym)
+        out = []
+        for path in sorted(self.root.glob(f"bars/interval=*/symbol={seg}/_manifest.json")) + \
+                sorted(self.root.glob(f"ticks/symbol={seg}/date=*/_manifest.json")):
+            m = self._load_manifest(path.parent)
+            if m is not None:
+                out.append(m)
+        if not out:
+            raise MissingDataError(f"{sym} is not in the store at {self.root}; see `fintensor cache list`")
+        return out
+
+    def coverage(self, symbol: str, interval: str = "1d") -> tuple[str, str] | None:
+        """(first, last) session date stored for ``symbol`` at ``interval``, or None."""
+        m = self.manifest(symbol, interval)
+        if m is None:
+            return None
+        return m.get("start_date", m["start"]), m.get("end_date", m["end"])
+
+    def fingerprint(self, symbols: Iterable[str], interval: str = "1d") -> str:
+        """A hash of the stored content of ``symbols`` at ``interval`` (changes whenever a write lands)."""
+        h = hashlib.sha256()
+        for s in symbols:
+            sym = _symbols.normalize(s)
+            m = self.manifest(sym, interval)
+            h.update(f"{sym}:{interval}:{m['checksum'] if m else '-'};".encode())
+        return h.hexdigest()
+
+    def tick_fingerprint(self, symbols: Iterable[str], start=None, end=None) -> str:
+        h = hashlib.sha256()
+        lo, hi = _date_bound(start), _date_bound(end)
+        for s in symbols:
+            base = self.partition_dir(s, kind="ticks")
+            for mp in sorted(base.glob("date=*/_manifest.json")) if base.exists() else []:
+                d = mp.parent.name[5:]
+                if (lo and d < lo.isoformat()) or (hi and d > hi.isoformat()):
+                    continue
+                h.update(f"{s}:{d}:{json.loads(mp.read_bytes())['checksum']};".encode())
+        return h.hexdigest()
+
+    def remove(self, symbol: str, interval: str | None = None) -> int:
+        """Remove ``symbol``'s partitions (one interval, 'tick', or all); returns how many went."""
+        sym = _symbols.normalize(symbol)
+        seg = _symbols.path_segment(sym)
+        with self.lock():
+            targets = []
+            if interval in (None, "tick", "ticks"):
+                tdir = self.root / "ticks" / f"symbol={seg}"
+                if tdir.exists():
+                    targets.extend(sorted(tdir.glob("date=*")))
+                    targets.append(tdir)
+            if interval not in ("tick", "ticks"):
+                ivs = [parse_interval(interval)] if interval else [
+                    p.name[9:] for p in (self.root / "bars").glob("interval=*")]
+                targets.extend(self.partition_dir(sym, iv) for iv in ivs
+                               if self.partition_dir(sym, iv).exists())
+            count = 0
+            for t in targets:
+                if not t.exists():
+                    continue
+                if (t / "_manifest.json").exists():
+                    count += 1
+                trash = t.with_name(f".trash-{uuid.uuid4().hex}")
+                os.replace(t, trash)  # atomic for readers: the partition is there or gone
+                shutil.rmtree(trash, ignore_errors=True)
+            if count == 0:
+                raise MissingDataError(f"{sym} ({interval or 'any interval'}) is not in the store at {self.root}")
+        return count
+
+    # ------------------------------------------------------------------------------------ verify
+    def verify(self, repair: bool = False) -> list[Problem]:
+        """Check every partition: manifest, part sizes, SHA-256 checksums, schema, rows, key order.
+
+        Files no manifest lists (left by an interrupted write) are reported, and removed with repair=True.
+        Corrupt parts are reported by name; nothing is ever read past a failed check.
+        """
+        problems: list[Problem] = []
+        if not self.root.exists():
+            return problems
+        ctx = self.lock() if repair else _nullcontext()
+        with ctx:
+            pdirs = {p.parent for p in self.root.glob("bars/interval=*/symbol=*/*")} | \
+                    {p.parent for p in self.root.glob("ticks/symbol=*/date=*/*")}
+            for pdir in sorted(pdirs):
+                problems.extend(self._verify_partition(pdir, repair))
+            for junk in list(self.root.glob("**/.trash-*")):
+                problems.append(Problem(str(junk), "leftover of an interrupted removal", repaired=repair))
+                if repair:
+                    shutil.rmtree(junk, ignore_errors=True)
+        return problems
+
+    def _verify_partition(self, pdir: Path, repair: bool) -> list[Problem]:
+        out = []
+        try:
+            man = self._load_manifest(pdir)
+        except StoreCorruptError as exc:
+            return [Problem(str(pdir / "_manifest.json"), str(exc).split(": ", 1)[-1])]
+        if man is None:
+            files = [f for f in pdir.iterdir() if f.is_file()]
+            out.append(Problem(str(pdir), f"no manifest; {len(files)} uncommitted file(s) from an interrupted "
+                                          "write", repaired=repair))
+            if repair:
+                shutil.rmtree(pdir, ignore_errors=True)
+            return out
+        kind = man.get("kind")
+        schema = SCHEMAS.get(kind)
+        listed = {p["file"] for p in man.get("parts", [])}
+        for f in sorted(pdir.iterdir()):
+            if f.is_file() and f.name not in listed and f.name != "_manifest.json":
+                out.append(Problem(str(f), "not listed in the manifest (leftover of an interrupted write)",
+                                   repaired=repair))
+                if repair:
+                    f.unlink(missing_ok=True)
+        rows = 0
+        for p in man.get("parts", []):
+            path = pdir / p["file"]
+            if not path.exists():
+                out.append(Problem(str(path), "listed in the manifest but missing"))
+                continue
+            data = path.read_bytes()
+            if len(data) != p["bytes"]:
+                out.append(Problem(str(path), f"{len(data)} bytes, manifest says {p['bytes']} (truncated?)"))
+                continue
+            if _sha256(data) != p["sha256"]:
+                out.append(Problem(str(path), "checksum mismatch (corrupted)"))
+                continue
+            try:
+                t = pq.read_table(pa.BufferReader(data))
+            except (pa.ArrowException, OSError) as exc:
+                out.append(Problem(str(path), f"unreadable Parquet: {exc}"))
+                continue
+            if schema is not None and not t.schema.equals(schema, check_metadata=False):
+                out.append(Problem(str(path), "schema differs from the documented schema"))
+                continue
+            if t.num_rows != p["rows"]:
+                out.append(Problem(str(path), f"{t.num_rows} rows, manifest says {p['rows']}"))
+                continue
+            keys = _key_array(t, kind)
+            if len(keys) > 1 and not (np.diff(keys) > 0).all():
+                out.append(Problem(str(path), "rows are not sorted by a unique key"))
+            rows += t.num_rows
+        if rows != man.get("rows", rows) and not out:
+            out.append(Problem(str(pdir / "_manifest.json"), f"rows {man.get('rows')} != parts' {rows}"))
+        return out
+
+
+# ------------------------------------------------------------------------------------- internals
+class _Vanished(Exception):
+    pass
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _LockContext:
+    def __init__(self, lock, root, timeout):
+        self.lock, self.root, self.timeout = lock, root, timeout
+
+    def __enter__(self):
+        from filelock import Timeout
+
+        try:
+            self.lock.acquire()
+        except Timeout:
+            raise StoreCorruptError(
+                f"the store at {self.root} is locked by another fintensor process; waited {self.timeout:.0f} s "
+                f"(lock file {self.root / '.lock'}). Retry when it finishes") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        return False
+
+
+def _merge_tables(existing: pa.Table, new: pa.Table, kind: str, on_conflict: str, label: str):
+    """Union of stored and new rows by key. Returns (table, (added, updated, unchanged, conflicts))."""
+    ek, nk = _keys(kind, existing, new)
+    pos = np.searchsorted(ek, nk)
+    pos_c = np.minimum(pos, len(ek) - 1)
+    matched = (pos < len(ek)) & (ek[pos_c] == nk)
+    mi_new = np.nonzero(matched)[0]
+    mi_old = pos_c[matched]
+    value_cols = [c for c in existing.column_names if c not in KEYS[kind] and c != "date"]
+    old_rows = existing.take(pa.array(mi_old)).select(value_cols)
+    new_rows = new.take(pa.array(mi_new)).select(value_cols)
+    # a value is in conflict when both sides have it and they differ; a side's null is filled by the other
+    conflict = np.zeros(len(mi_new), bool)
+    fill = np.zeros(len(mi_new), bool)
+    first_conflict = None
+    for name in value_cols:
+        a, b = old_rows.column(name), new_rows.column(name)
+        an = a.is_null().to_numpy(zero_copy_only=False)
+        bn = b.is_null().to_numpy(zero_copy_only=False)
+        both = ~an & ~bn
+        eq = _values_equal(pa.table({name: a}), pa.table({name: b}))
+        c = both & ~eq
+        if c.any() and first_conflict is None:
+            i = int(np.nonzero(c)[0][0])
+            first_conflict = (name, i, a[i].as_py(), b[i].as_py())
+        conflict |= c
+        fill |= an & ~bn
+    n_conf = int(conflict.sum())
+    if n_conf and on_conflict == "error":
+        name, i, a, b = first_conflict
+        key = _describe_key(new, kind, int(mi_new[i]))
+        raise ConflictError(
+            f"{label}: {n_conf} row(s) conflict with stored values, e.g. {key} {name}: stored {a!r}, "
+            f"new {b!r}. Nothing was written; pass on_conflict='overwrite' (CLI: --on-conflict overwrite) "
+            "to let the new source win, or 'keep' to keep the stored values")
+    # per cell: the new value where the stored one is null, or where it conflicts and new wins
+    cols = {}
+    for name in value_cols:
+        a, b = old_rows.column(name), new_rows.column(name)
+        use_new = a.is_null().to_numpy(zero_copy_only=False)
+        if on_conflict == "overwrite":
+            use_new = use_new | ~b.is_null().to_numpy(zero_copy_only=False)
+        cols[name] = pc.if_else(pa.array(use_new), b, a) if len(use_new) else a
+    changed = conflict if on_conflict == "overwrite" else np.zeros_like(conflict)
+    changed = changed | fill
+    updated = existing
+    if changed.any():
+        # rebuild the matched old rows with chosen values
+        upd_idx = mi_old[changed]
+        rows = pa.table({n: cols[n].filter(pa.array(changed)) for n in value_cols})
+        keep_mask = np.ones(existing.num_rows, bool)
+        keep_mask[upd_idx] = False
+        keyed = existing.take(pa.array(upd_idx)).select([c for c in existing.column_names if c not in value_cols])
+        replaced = pa.Table.from_arrays(
+            [keyed.column(c) if c in keyed.column_names else rows.column(c) for c in existing.column_names],
+            names=existing.column_names).cast(existing.schema)
+        updated = pa.concat_tables([existing.filter(pa.array(keep_mask)), replaced])
+    added_rows = new.filter(pa.array(~matched))
+    out = pa.concat_tables([updated, added_rows.cast(existing.schema)])
+    if kind == "ticks":
+        out = out.take(pc.sort_indices(out, [("time", "ascending"), ("seq", "ascending")]))
+    else:
+        out = out.take(pc.sort_indices(out, [(KEYS[kind][0], "ascending")]))
+    stats = (int((~matched).sum()), int(changed.sum()), int(len(mi_new) - changed.sum()), n_conf)
+    return out, stats
+
+
+def _key_json(table: pa.Table, kind: str, i: int):
+    if kind == "ticks":
+        return [table.column("time").cast(pa.int64())[i].as_py(), table.column("seq")[i].as_py()]
+    return int(_key_array(table, kind)[i])
+
+
+def _key_scalar(key):
+    return tuple(key) if isinstance(key, list) else key
+
+
+def _jsonable(v):
+    if isinstance(v, (dt.datetime, dt.date)):
+        return v.isoformat()
+    return v
+
+
+def _iso(d) -> str:
+    if isinstance(d, str):
+        return dt.date.fromisoformat(d[:10]).isoformat()
+    if isinstance(d, dt.datetime):
+        return d.date().isoformat()
+    return d.isoformat()
+
+
+def _date_bound(x) -> dt.date | None:
+    """A start/end bound as a date, or BadInputError saying what was wrong with it."""
+    if x is None:
+        return None
+    if isinstance(x, dt.datetime):
+        return x.date()
+    if isinstance(x, dt.date):
+        return x
+    import pandas as pd
+
+    if isinstance(x, (np.datetime64, pd.Timestamp)):
+        return pd.Timestamp(x).date()
+    try:
+        return pd.Timestamp(str(x)).date()
+    except (ValueError, TypeError):
+        raise BadInputError(f"cannot read {x!r} as a date; write it as YYYY-MM-DD") from None
+
+
+def _part_overlaps(p: dict, lo: dt.date | None, hi: dt.date | None, kind: str) -> bool:
+    start, end = str(p["start"])[:10], str(p["end"])[:10]
+    # intraday parts are stamped in UTC; widen by a day so local session dates are never missed
+    slack = dt.timedelta(days=1 if kind != "daily" else 0)
+    if lo is not None and dt.date.fromisoformat(end) + slack < lo:
+        return False
+    if hi is not None and dt.date.fromisoformat(start) - slack > hi:
+        return False
+    return True
+
+
+def _check_columns(columns, kind: str) -> list[str] | None:
+    if columns is None:
+        return None
+    if isinstance(columns, str):
+        columns = [columns]
+    names = SCHEMAS[kind].names
+    bad = [c for c in columns if c not in names]
+    if bad:
+        raise BadInputError(f"unknown column(s) {bad} for {kind} data; available: {names}")
+    return list(columns)
+
+
+def _local_dates(times: pa.ChunkedArray, tz: str) -> np.ndarray:
+    """Exchange-local calendar day of each UTC instant, as days since the epoch."""
+    import pandas as pd
+
+    idx = pd.DatetimeIndex(times.to_numpy()).tz_localize("UTC").tz_convert(tz).tz_localize(None)
+    return idx.normalize().asi8 // (86400 * 10**9)
+
+
+def local_dates(times, tz: str) -> pa.Array:
+    """Public helper for sources: UTC instants -> exchange-local session dates (date32)."""
+    days = _local_dates(pa.chunked_array([pa.array(times)]) if not isinstance(times, pa.ChunkedArray)
+                        else times, tz)
+    return pa.array(days.astype(np.int32), pa.int32()).cast(pa.date32())
