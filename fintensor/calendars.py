@@ -70,6 +70,11 @@ def sessions(name: str, start, end) -> np.ndarray:
     return idx.values.astype("datetime64[D]")
 
 
+def _utc_ns(times: pd.Series) -> np.ndarray:
+    """tz-aware timestamps -> int64 UTC nanoseconds (without numpy's timezone warning)."""
+    return pd.DatetimeIndex(times).as_unit("ns").asi8
+
+
 def segments(name: str, days: np.ndarray) -> np.ndarray:
     """Continuous-trading segments per session, UTC nanoseconds, shape (D, S, 2).
 
@@ -82,12 +87,12 @@ def segments(name: str, days: np.ndarray) -> np.ndarray:
     if opens.isna().any():
         bad = idx[opens.isna().to_numpy()][0].date()
         raise BadInputError(f"{bad} is not a {cal.name} session")
-    o = opens.to_numpy().astype("datetime64[ns]").astype(np.int64)
-    c = closes.to_numpy().astype("datetime64[ns]").astype(np.int64)
+    o = _utc_ns(opens)
+    c = _utc_ns(closes)
     bs = cal.break_starts.reindex(idx)
     if bs.notna().any():
         be = cal.break_ends.reindex(idx)
-        bsv = bs.to_numpy().astype("datetime64[ns]").astype(np.int64)
-        bev = be.to_numpy().astype("datetime64[ns]").astype(np.int64)
+        bsv = _utc_ns(bs)
+        bev = _utc_ns(be)
         return np.stack([np.stack([o, bsv], -1), np.stack([bev, c], -1)], axis=1)
     return np.stack([o, c], -1)[:, None, :]

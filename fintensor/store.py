@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -69,6 +70,7 @@ KEYS = {"daily": ("date",), "intraday": ("time",), "ticks": ("time", "seq")}
 NONNEGATIVE = {"open", "high", "low", "close", "adj_close", "volume", "amount", "turnover", "pre_close",
                "dividend", "price", "bid", "bid_size", "ask", "ask_size"}
 ADJUSTMENTS = ("raw", "split", "full")
+MAX_PARTS = 16  # an append beyond this many parts compacts the partition into one
 
 _INTERVAL_ALIASES = {
     "1d": "1d", "d": "1d", "day": "1d", "daily": "1d", "1day": "1d",
@@ -124,6 +126,7 @@ class Problem:
     path: str
     message: str
     repaired: bool = False
+    leftover: bool = False  # a file of an interrupted write: harmless to fintensor, removed by repair=True
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" + (" (repaired)" if self.repaired else "")
@@ -146,7 +149,7 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write aside, fsync, rename over ``path``, fsync the directory: all of it or none of it."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # no .parquet suffix: globs never see it
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -161,7 +164,9 @@ def _sha256(data: bytes) -> str:
 
 def _table_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", write_page_checksum=True, row_group_size=1 << 20)
+    # no dictionary pages: every column is numeric, where they cost time and bytes
+    pq.write_table(table, sink, compression="zstd", write_page_checksum=True, row_group_size=1 << 20,
+                   use_dictionary=False)
     return sink.getvalue().to_pybytes()
 
 
@@ -203,6 +208,8 @@ def conform(data, kind: str, label: str = "") -> pa.Table:
     for field in schema:
         if field.name in table.column_names:
             col = table.column(field.name)
+            if pa.types.is_boolean(col.type) and pa.types.is_floating(field.type):  # True would become 1.0
+                raise BadInputError(f"{where}column {field.name!r} holds true/false values, not numbers")
             try:
                 col = col.cast(field.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
@@ -371,18 +378,25 @@ class Store:
 
         ``on_conflict``: "error" (default: raise ConflictError and write nothing), "keep" (stored
         values win) or "overwrite" (new values win; also replaces a partition of another adjustment).
+        Intraday rows without a ``date`` get the local session date of their ``time``.
         """
         sym = _symbols.normalize(symbol)
         interval = parse_interval(interval)
         kind = interval_kind(interval)
         if adjustment not in ADJUSTMENTS:
             raise BadInputError(f"unknown adjustment {adjustment!r}; use one of {ADJUSTMENTS}")
+        _check_on_conflict(on_conflict)
+        tz = timezone or _symbols.timezone(sym)
         table = conform(data, kind, f"{sym} {interval}")
+        if kind == "intraday" and table.column("date").null_count:
+            dates = pc.coalesce(table.column("date").combine_chunks(), local_dates(table.column("time"), tz))
+            table = table.set_column(table.schema.get_field_index("date"), "date", dates)
         meta = dict(kind=kind, symbol=sym, interval=interval, source=source, adjustment=adjustment,
-                    adjusted_as_of=adjusted_as_of, timezone=timezone or _symbols.timezone(sym),
+                    adjusted_as_of=adjusted_as_of, timezone=tz,
                     units=units or {"volume": "shares", "price_scale": 1})
         with self.lock():
-            result = self._merge(self.partition_dir(sym, interval), table, meta, on_conflict)
+            pdir = self.partition_dir(sym, interval)
+            result = self._commit(pdir, self._plan(pdir, table, meta, on_conflict))
             if alias:
                 self._record_alias(alias, sym)
         return result
@@ -390,72 +404,71 @@ class Store:
     def write_ticks(self, symbol: str, data, *, source: str, timezone: str | None = None,
                     units: dict | None = None, on_conflict: str = "error",
                     alias: str | None = None) -> list[WriteResult]:
-        """Merge tick records into per-(symbol, local date) partitions."""
+        """Merge tick records into per-(symbol, local date) partitions; a conflict on any day writes no day."""
         sym = _symbols.normalize(symbol)
+        _check_on_conflict(on_conflict)
         tz = timezone or _symbols.timezone(sym)
         table = conform(data, "ticks", f"{sym} ticks")
         days = _local_dates(table.column("time"), tz)
         meta = dict(kind="ticks", symbol=sym, interval="tick", source=source, adjustment="raw",
                     adjusted_as_of=None, timezone=tz, units=units or {"volume": "shares", "price_scale": 1})
-        results = []
         with self.lock():
-            for day in np.unique(days):
-                part = table.filter(pa.array(days == day))
-                d = dt.date.fromordinal(int(day) + dt.date(1970, 1, 1).toordinal())
-                results.append(self._merge(self.partition_dir(sym, date=d, kind="ticks"), part,
-                                           dict(meta, date=d.isoformat()), on_conflict))
+            plans = []
+            for day in np.unique(days):  # check every day before writing any
+                d = dt.date(1970, 1, 1) + dt.timedelta(days=int(day))
+                pdir = self.partition_dir(sym, date=d, kind="ticks")
+                plans.append((pdir, self._plan(pdir, table.filter(pa.array(days == day)),
+                                               dict(meta, date=d.isoformat()), on_conflict)))
+            results = [self._commit(pdir, plan) for pdir, plan in plans]
             if alias:
                 self._record_alias(alias, sym)
         return results
 
-    def _merge(self, pdir: Path, table: pa.Table, meta: dict, on_conflict: str) -> WriteResult:
-        if on_conflict not in ("error", "keep", "overwrite"):
-            raise BadInputError(f"on_conflict must be 'error', 'keep' or 'overwrite', not {on_conflict!r}")
+    def _plan(self, pdir: Path, table: pa.Table, meta: dict, on_conflict: str) -> _Plan:
+        """Decide what a write does, raising on any conflict; touches nothing on disk."""
         kind = meta["kind"]
         label = f"{meta['symbol']} {meta.get('date') or meta['interval']}"
         result = WriteResult(meta["symbol"], kind, str(pdir.relative_to(self.root)))
         old = self._load_manifest(pdir)
-        if old is not None:
-            self._cleanup(pdir, old)
-        if old is not None and on_conflict != "overwrite":
-            for field in ("adjustment", "timezone"):
-                if old.get(field) != meta.get(field):
-                    raise ConflictError(
-                        f"{label}: the store holds {field} {old.get(field)!r} (source {old.get('source')}), "
-                        f"the new rows are {meta.get(field)!r}; remove the stored data first "
-                        f"(fintensor cache rm {meta['symbol']}) or pass on_conflict='overwrite'"
-                    )
-        replace_all = old is not None and on_conflict == "overwrite" and any(
-            old.get(f) != meta.get(f) for f in ("adjustment", "timezone"))
-        new_keys = _key_array(table, kind)
-        parts = [] if (old is None or replace_all) else list(old["parts"])
-        if parts and kind != "ticks" and new_keys[0] > _key_scalar(old["end_key"]):
-            merged, appended = None, table  # pure append: a new part, nothing rewritten
+        if old is None:
             result.added = table.num_rows
-        elif parts:
-            existing = self._read_parts(pdir, parts)
-            merged, stats = _merge_tables(existing, table, kind, on_conflict, label)
-            result.added, result.updated, result.unchanged, result.conflicts = stats
-            appended = None
-            if result.added == 0 and result.updated == 0:
-                result.noop = True
-                return result
-        else:
-            merged, appended = table, None
+            return _Plan(result, meta, None, [], table)
+        differs = [f for f in ("adjustment", "timezone") if old.get(f) != meta.get(f)]
+        if differs and on_conflict != "overwrite":
+            f = differs[0]
+            raise ConflictError(
+                f"{label}: the store holds {f} {old.get(f)!r} (source {old.get('source')}), the new rows are "
+                f"{meta.get(f)!r}; nothing was written. Remove the stored data first "
+                f"(fintensor cache rm {meta['symbol']}) or pass on_conflict='overwrite'")
+        if differs:  # overwrite across adjustments/timezones: the new rows replace the partition
             result.added = table.num_rows
-        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            return _Plan(result, meta, old, [], table)
+        if kind != "ticks" and _key_array(table, kind)[0] > _key_scalar(old["end_key"]):
+            result.added = table.num_rows  # pure append: a new part, nothing rewritten
+            return _Plan(result, meta, old, list(old["parts"]), table)
+        existing = self._read_parts(pdir, old["parts"], kind=kind)
+        merged, stats = _merge_tables(existing, table, kind, on_conflict, label)
+        result.added, result.updated, result.unchanged, result.conflicts = stats
+        if result.added == 0 and result.updated == 0:
+            result.noop = True
+            return _Plan(result, meta, old, list(old["parts"]), None)
+        return _Plan(result, meta, old, [], merged)
+
+    def _commit(self, pdir: Path, plan: _Plan) -> WriteResult:
+        """Write the plan's new part aside, then the manifest (the commit point), then drop what it replaced."""
+        if plan.table is None:
+            return plan.result
+        kind, parts, table = plan.meta["kind"], plan.keep_parts, plan.table
+        if len(parts) >= MAX_PARTS:  # compact: keep reads cheap after many appends
+            table = pa.concat_tables([self._read_parts(pdir, parts, kind=kind), table])
+            parts = []
         pdir.mkdir(parents=True, exist_ok=True)
-        if appended is not None:
-            new_part = self._write_part(pdir, appended, kind)
-            parts = parts + [new_part]
-            if len(parts) > 16:  # compact: keep reads cheap after many appends
-                merged, parts, appended = self._read_parts(pdir, parts), [], None
-        if merged is not None:
-            parts = [self._write_part(pdir, merged, kind)]
-        manifest = self._manifest(meta, parts, old, now)
+        parts = parts + [self._write_part(pdir, table, kind)]
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        manifest = self._manifest(plan.meta, parts, plan.old, now)
         atomic_write_bytes(pdir / "_manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
         self._cleanup(pdir, manifest)
-        return result
+        return plan.result
 
     def _write_part(self, pdir: Path, table: pa.Table, kind: str) -> dict:
         data = _table_bytes(table)
@@ -526,15 +539,21 @@ class Store:
 
     # ------------------------------------------------------------------------------------ reading
     def _load_manifest(self, pdir: Path) -> dict | None:
+        """The partition's manifest, None if it has none, StoreCorruptError if it fails its checks."""
         path = pdir / "_manifest.json"
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             return None
         try:
-            return json.loads(raw)
+            manifest = json.loads(raw)
         except ValueError:
-            raise StoreCorruptError(f"{path}: manifest is not valid JSON; run `fintensor cache verify`") from None
+            manifest = None
+        problem = "is not valid JSON" if manifest is None else _manifest_problem(manifest)
+        if problem:
+            raise StoreCorruptError(f"{path}: manifest {problem}; run `fintensor cache verify`, then re-import "
+                                    "the symbol or remove it with `fintensor cache rm`")
+        return manifest
 
     def manifest(self, symbol: str, interval: str = "1d", date=None) -> dict | None:
         """The partition's manifest (source, range, rows, adjustment, timezone, checksums) or None."""
@@ -542,29 +561,55 @@ class Store:
         return self._load_manifest(self.partition_dir(symbol, interval, date=date, kind=kind))
 
     def _read_parts(self, pdir: Path, parts: Sequence[dict], columns: Sequence[str] | None = None,
-                    verify: bool = True) -> pa.Table:
+                    verify: bool = True, *, kind: str) -> pa.Table:
+        """Concatenated rows of ``parts``. verify=True checks each file's size and SHA-256 before parsing
+        it; verify=False checks the size and Parquet page checksums and reads only ``columns``."""
         tables = []
         for p in parts:
             path = pdir / p["file"]
             try:
-                data = path.read_bytes()
+                if verify:
+                    data = path.read_bytes()
+                    size, source = len(data), pa.BufferReader(data)
+                else:
+                    size, source = path.stat().st_size, str(path)
             except FileNotFoundError:
                 raise _Vanished(path) from None
-            if len(data) != p["bytes"]:
+            if size != p["bytes"]:
                 raise StoreCorruptError(
-                    f"{path}: {len(data)} bytes where the manifest says {p['bytes']} (truncated or replaced); "
+                    f"{path}: {size} bytes where the manifest says {p['bytes']} (truncated or replaced); "
                     "it was not read. Re-import the data or run `fintensor cache rm` on the symbol")
             if verify and _sha256(data) != p["sha256"]:
                 raise StoreCorruptError(
                     f"{path}: checksum mismatch (the file is corrupted); it was not read. "
                     "Re-import the data or run `fintensor cache rm` on the symbol")
-            try:
-                tables.append(pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None))
+            try:  # threads only pay off on big parts; SHA-256 already covers what page checksums would
+                with pq.ParquetFile(source, page_checksum_verification=not verify) as pf:
+                    tables.append(pf.read(columns=list(columns) if columns else None,
+                                          use_threads=size > 1 << 23))
+            except FileNotFoundError:
+                raise _Vanished(path) from None
             except (pa.ArrowException, OSError) as exc:
                 raise StoreCorruptError(f"{path}: unreadable Parquet ({exc})") from None
         if not tables:
-            return SCHEMAS["daily"].empty_table()
+            empty = SCHEMAS[kind].empty_table()
+            return empty.select(list(columns)) if columns else empty
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def _read_committed(self, pdir: Path, kind: str, select, columns, verify: bool):
+        """(manifest, rows of the parts ``select(manifest)`` picks), or (None, None) without a manifest.
+
+        Lock-free: if a writer commits and deletes the parts we were reading, re-read the new manifest.
+        """
+        for attempt in range(50):
+            man = self._load_manifest(pdir)
+            if man is None:
+                return None, None
+            try:
+                return man, self._read_parts(pdir, select(man), columns, verify, kind=kind)
+            except _Vanished:
+                time.sleep(0.01 * (attempt + 1))
+        raise StoreCorruptError(f"{pdir}: parts kept vanishing while reading; is a writer looping?")
 
     def read_partition(self, symbol: str, interval: str = "1d", start=None, end=None,
                        columns: Sequence[str] | None = None, verify: bool = True) -> pa.Table:
@@ -572,28 +617,16 @@ class Store:
         interval = parse_interval(interval)
         kind = interval_kind(interval)
         sym = _symbols.normalize(symbol)
-        pdir = self.partition_dir(sym, interval)
         cols = _check_columns(columns, kind)
-        for attempt in range(20):  # a concurrent compaction can delete parts under us: re-read
-            man = self._load_manifest(pdir)
-            if man is None:
-                raise MissingDataError(
-                    f"no {interval} bars for {sym} in the store at {self.root}; get them with "
-                    f"`fintensor download {sym} --interval {interval}` or `fintensor import FILE`")
-            lo, hi = _date_bound(start), _date_bound(end)
-            parts = [p for p in man["parts"] if _part_overlaps(p, lo, hi, kind)]
-            need = None if cols is None else list(dict.fromkeys(list(KEYS[kind][:1]) + ["date"] + cols))
-            try:
-                table = self._read_parts(pdir, parts, need, verify)
-                break
-            except _Vanished:
-                time.sleep(0.01 * (attempt + 1))
-        else:  # pragma: no cover
-            raise StoreCorruptError(f"{pdir}: parts kept vanishing while reading")
-        if parts == []:
-            table = SCHEMAS[kind].empty_table()
-            if need:
-                table = table.select(need)
+        lo, hi = _date_range(start, end)
+        need = None if cols is None else list(dict.fromkeys(list(KEYS[kind][:1]) + ["date"] + cols))
+        man, table = self._read_committed(
+            self.partition_dir(sym, interval), kind,
+            lambda m: [p for p in m["parts"] if _part_overlaps(p, lo, hi, kind)], need, verify)
+        if man is None:
+            raise MissingDataError(
+                f"no {interval} bars for {sym} in the store at {self.root}; get them with "
+                f"`fintensor download {sym} --interval {interval}` or `fintensor import FILE`")
         if lo is not None or hi is not None:
             d = table.column("date")
             m = pc.and_(pc.greater_equal(d, lo) if lo else pc.is_valid(d),
@@ -616,7 +649,7 @@ class Store:
         out = []
         for s in syms:
             t = self.read_partition(s, interval, start, end, columns, verify)
-            out.append(t.add_column(0, "symbol", pa.array([s] * t.num_rows, pa.string())))
+            out.append(t.add_column(0, "symbol", _constant(s, pa.string(), t.num_rows)))
         if out:
             table = pa.concat_tables(out)
         else:
@@ -632,7 +665,7 @@ class Store:
         syms = [_symbols.normalize(s) for s in ([symbols] if isinstance(symbols, str) else symbols)]
         cols = _check_columns(columns, "ticks")
         need = None if cols is None else list(dict.fromkeys(["time", "seq"] + cols))
-        lo, hi = _date_bound(start), _date_bound(end)
+        lo, hi = _date_range(start, end)
         out = []
         for s in syms:
             base = self.partition_dir(s, kind="ticks")
@@ -643,13 +676,11 @@ class Store:
                     f"no ticks for {s} between {start} and {end} in the store at {self.root}; "
                     f"import them with `fintensor import FILE --ticks`")
             for d in days:
-                pdir = base / f"date={d}"
-                man = self._load_manifest(pdir)
+                man, t = self._read_committed(base / f"date={d}", "ticks", lambda m: m["parts"], need, verify)
                 if man is None:
                     continue
-                t = self._read_parts(pdir, man["parts"], need, verify)
-                t = t.add_column(0, "date", pa.array([dt.date.fromisoformat(d)] * t.num_rows, pa.date32()))
-                out.append(t.add_column(0, "symbol", pa.array([s] * t.num_rows, pa.string())))
+                t = t.add_column(0, "date", _constant(dt.date.fromisoformat(d), pa.date32(), t.num_rows))
+                out.append(t.add_column(0, "symbol", _constant(s, pa.string(), t.num_rows)))
         table = pa.concat_tables(out) if out else TICK_SCHEMA.empty_table()
         return table.to_pandas() if as_pandas else table
 
@@ -775,9 +806,14 @@ class Store:
             for pdir in sorted(pdirs):
                 problems.extend(self._verify_partition(pdir, repair))
             for junk in list(self.root.glob("**/.trash-*")):
-                problems.append(Problem(str(junk), "leftover of an interrupted removal", repaired=repair))
+                problems.append(Problem(str(junk), "leftover of an interrupted removal", repair, True))
                 if repair:
                     shutil.rmtree(junk, ignore_errors=True)
+            # aliases, tensor cache, the writability probe
+            for junk in [*self.root.glob(".*.tmp"), *self.root.glob("tensors/.*.tmp"), *self.root.glob(".probe-*")]:
+                problems.append(Problem(str(junk), "leftover of an interrupted write", repair, True))
+                if repair:
+                    junk.unlink(missing_ok=True)
         return problems
 
     def _verify_partition(self, pdir: Path, repair: bool) -> list[Problem]:
@@ -789,7 +825,7 @@ class Store:
         if man is None:
             files = [f for f in pdir.iterdir() if f.is_file()]
             out.append(Problem(str(pdir), f"no manifest; {len(files)} uncommitted file(s) from an interrupted "
-                                          "write", repaired=repair))
+                                          "write", repair, True))
             if repair:
                 shutil.rmtree(pdir, ignore_errors=True)
             return out
@@ -799,7 +835,7 @@ class Store:
         for f in sorted(pdir.iterdir()):
             if f.is_file() and f.name not in listed and f.name != "_manifest.json":
                 out.append(Problem(str(f), "not listed in the manifest (leftover of an interrupted write)",
-                                   repaired=repair))
+                                   repair, True))
                 if repair:
                     f.unlink(missing_ok=True)
         rows = 0
@@ -838,6 +874,58 @@ class Store:
 # ------------------------------------------------------------------------------------- internals
 class _Vanished(Exception):
     pass
+
+
+@dataclasses.dataclass
+class _Plan:
+    """A checked write: keep ``keep_parts``, add ``table`` as a new part (None: nothing to do)."""
+
+    result: WriteResult
+    meta: dict
+    old: dict | None
+    keep_parts: list[dict]
+    table: pa.Table | None
+
+
+def _constant(value, type_: pa.DataType, n: int) -> pa.Array:
+    """A column of ``n`` copies of ``value``, built in Arrow (no Python list: fast on big reads)."""
+    return pa.repeat(pa.scalar(value, type_), n)
+
+
+def _check_on_conflict(on_conflict: str) -> None:
+    if on_conflict not in ("error", "keep", "overwrite"):
+        raise BadInputError(f"on_conflict must be 'error', 'keep' or 'overwrite', not {on_conflict!r}")
+
+
+_PART_NAME = re.compile(r"part-[0-9a-f]{16}\.parquet")
+_MANIFEST_FIELDS = ("kind", "symbol", "interval", "source", "adjustment", "timezone", "units", "created",
+                    "updated", "parts", "rows", "start", "end", "start_key", "end_key", "checksum")
+_PART_FIELDS = ("file", "rows", "bytes", "sha256", "start", "end", "start_key", "end_key")
+
+
+def _manifest_problem(m) -> str | None:
+    """What is wrong with a parsed manifest (missing fields, foreign file names, bad checksum), or None."""
+    if not isinstance(m, dict):
+        return "is not a JSON object"
+    missing = [f for f in _MANIFEST_FIELDS if f not in m]
+    if missing:
+        return f"lacks field(s) {missing}"
+    if not isinstance(m.get("format", FORMAT_VERSION), int) or m.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+        return f"has format {m['format']!r}, not one this fintensor understands ({FORMAT_VERSION}); upgrade"
+    if m["kind"] not in SCHEMAS:
+        return f"has unknown kind {m['kind']!r}"
+    parts = m["parts"]
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
+        return "lists no parts"
+    for p in parts:
+        if any(f not in p for f in _PART_FIELDS) or not _PART_NAME.fullmatch(str(p["file"])) \
+                or not all(isinstance(p[f], int) for f in ("rows", "bytes")):
+            return f"has a malformed part entry {str(p)[:80]}"
+    if m["rows"] != sum(p["rows"] for p in parts):
+        return f"says {m['rows']} rows but its parts hold {sum(p['rows'] for p in parts)}"
+    if m["checksum"] != _sha256("".join(p["sha256"] for p in parts).encode()):
+        return "checksum does not match its parts' checksums"
+    return None
 
 
 class _nullcontext:
@@ -957,6 +1045,13 @@ def _iso(d) -> str:
     if isinstance(d, dt.datetime):
         return d.date().isoformat()
     return d.isoformat()
+
+
+def _date_range(start, end) -> tuple[dt.date | None, dt.date | None]:
+    lo, hi = _date_bound(start), _date_bound(end)
+    if lo is not None and hi is not None and lo > hi:
+        raise BadInputError(f"start {lo} is after end {hi}")
+    return lo, hi
 
 
 def _date_bound(x) -> dt.date | None:

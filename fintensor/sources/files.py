@@ -1,0 +1,1048 @@
+"""Import market data files (CSV, .gz, .zip) into the store: bars or ticks, from any common vendor.
+
+``ft.import_csv("AAPL.csv")`` just works for a Yahoo file. Vendor conventions (column names, lots,
+price scales, timezones, adjustment) live in one table of presets, ``PRESETS``; the preset is picked from
+the header and the file name, and every explicit option overrides it. Every file is read and checked
+before the store is touched, so bad input anywhere leaves the store unchanged.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import gzip
+import io
+import os
+import re
+import zlib
+import zipfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .. import symbols as _symbols
+from ..errors import BadInputError, ConflictError
+from ..store import (DAILY_SCHEMA, NONNEGATIVE, SCHEMAS, Store, WriteResult, _merge_tables, conform,
+                     interval_kind, parse_interval)
+
+MAX_LINE_BYTES = 1 << 16
+PRICE_FIELDS = ("open", "high", "low", "close", "adj_close", "pre_close", "dividend", "price", "bid", "ask")
+VOLUME_FIELDS = ("volume", "bid_size", "ask_size")
+_TEXT_FIELDS = ("date", "time", "datetime", "symbol")  # read as text; every other column as numbers
+MISSING = {"", "nan", "NaN", "NAN", "null", "NULL", "None", "NA", "N/A", "n/a", "#N/A"}
+
+
+# ------------------------------------------------------------------------------------------ presets
+#: Header names (lower case) -> store field. Time columns map to "date", "time" or "datetime".
+ALIASES = {
+    "date": "date", "trade_date": "date", "day": "date", "datetime": "datetime", "timestamp": "datetime",
+    "date_time": "datetime", "time": "time",
+    "symbol": "symbol", "ticker": "symbol", "code": "symbol", "ts_code": "symbol", "name": "symbol",
+    "open": "open", "high": "high", "low": "low", "close": "close",
+    "adj close": "adj_close", "adj_close": "adj_close", "adjclose": "adj_close", "adjusted_close": "adj_close",
+    "adjusted close": "adj_close",
+    "volume": "volume", "vol": "volume", "size": "volume", "amount": "amount",
+    "turn": "turnover", "turnover": "turnover",
+    "pre_close": "pre_close", "preclose": "pre_close", "prev_close": "pre_close",
+    "dividend": "dividend", "dividends": "dividend", "ex-dividend": "dividend", "ex_dividend": "dividend",
+    "split": "split", "splits": "split", "split_ratio": "split", "stock splits": "split",
+    "tradestatus": "trade_status", "trade_status": "trade_status",
+    "price": "price", "buyorsell": "side", "side": "side",
+    "bid": "bid", "bid_size": "bid_size", "ask": "ask", "ask_size": "ask_size",
+    "suspicious": "suspicious",
+}
+#: Known vendor columns the store has no field for: dropped without a warning.
+IGNORED = {"openinterest", "open_interest", "oi", "change", "pct_chg", "pctchg", "isst", "adjustflag",
+           "adj_open", "adj_high", "adj_low", "adj_volume", "ts_date", "exchange", "sale_condition", "condition"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One vendor's file convention, and how to recognise it from the header, first row and file name."""
+
+    name: str
+    signature: frozenset = frozenset()  # lower-case header names that identify it
+    header: tuple | None = None         # or the exact header, when only the column order tells it apart
+    columns: tuple | None = None        # or, for a headerless file, the fields of its columns
+    file_pattern: str | None = None     # regex the (zip member) file name must match, for headerless files
+    first_row: tuple | None = None      # (field, regex) the first data row must match
+    rename: tuple = ()                  # (header, field) pairs that differ from ALIASES
+    kind: str | None = None             # "bars" or "ticks"; None = from the data
+    interval: str | None = None
+    timezone: str | None = None         # timezone of naive timestamps
+    volume_unit: float = 1              # shares per volume unit (lots: 100)
+    price_scale: float = 1              # divide prices by this
+    amount_unit: float = 1              # currency units per amount unit (thousands: 1000)
+    adjustment: str = "raw"             # of the OHLC columns
+
+
+_OHLC = frozenset({"date", "open", "high", "low", "close"})
+_HIKYUU = dict(timezone="Asia/Shanghai", volume_unit=100, price_scale=1000)
+_LEAN = dict(timezone="America/New_York", price_scale=10_000)
+
+#: The vendor presets, most specific first: auto-detection takes the first that matches, else "csv".
+PRESETS: tuple[Preset, ...] = (
+    Preset("quandl", frozenset({"ticker", "ex-dividend", "split_ratio", "adj_close"})),
+    Preset("tushare", frozenset({"ts_code", "trade_date", "vol", "amount"}), volume_unit=100, amount_unit=1000),
+    Preset("baostock", frozenset({"code", "adjustflag", "tradestatus"})),  # adjustment from adjustflag
+    Preset("hikyuu_ticks", frozenset({"symbol", "datetime", "price", "vol", "buyorsell"}), kind="ticks", **_HIKYUU),
+    Preset("hikyuu_1min", frozenset({"symbol", "datetime", "price", "vol"}), first_row=("datetime", r"\d{12}"),
+           rename=(("price", "close"),), kind="bars", interval="1m", **_HIKYUU),
+    Preset("zipline", _OHLC | {"volume", "dividend", "split"}, adjustment="split"),
+    Preset("yahoo", _OHLC | {"adj close", "volume"}, adjustment="split"),
+    # yfinance's own history()/download() export: auto_adjust=True (its default) drops Adj Close and
+    # adjusts OHLC for splits and dividends
+    Preset("yfinance", _OHLC | {"volume", "dividends", "stock splits"}, adjustment="full"),
+    Preset("mplfinance_intraday", header=("date", "open", "close", "high", "low", "volume"),
+           first_row=("date", r".*\d:\d\d"), timezone="America/New_York"),
+    Preset("backtrader", _OHLC | {"volume", "openinterest"}),
+    Preset("lean_daily", columns=("date", "open", "high", "low", "close", "volume"), file_pattern=r"^[a-z0-9.]+\.csv$",
+           first_row=("date", r"\d{8} 00:00"), kind="bars", interval="1d", **_LEAN),
+    Preset("lean_minute", columns=("ms", "open", "high", "low", "close", "volume"),
+           file_pattern=r"(?i)\d{8}_.*minute_trade", kind="bars", interval="1m", **_LEAN),
+    Preset("lean_tick", columns=("ms", "price", "volume", "exchange", "sale_condition", "suspicious"),
+           file_pattern=r"(?i)\d{8}_.*trade_tick", kind="ticks", **_LEAN),
+    Preset("lean_quote_tick", columns=("ms", "bid", "bid_size", "ask", "ask_size", "exchange", "condition",
+                                       "suspicious"), file_pattern=r"(?i)\d{8}_.*quote_tick", kind="ticks", **_LEAN),
+    Preset("csv"),  # any other file with a header: ALIASES only
+)
+_BY_NAME = {p.name: p for p in PRESETS}
+_BY_NAME.update(hikyuu_1m=_BY_NAME["hikyuu_1min"], mplfinance=_BY_NAME["mplfinance_intraday"])
+PRESET_NAMES = sorted(_BY_NAME)
+
+
+# ------------------------------------------------------------------------------------------ reports
+@dataclasses.dataclass
+class SymbolResult:
+    """What the import did for one symbol and interval (ticks: summed over their dates)."""
+
+    symbol: str
+    interval: str               # "1d", "1m", ... or "tick"
+    rows: int                   # rows read from the files (after exact duplicates were dropped)
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    partitions: list[str] = dataclasses.field(default_factory=list)
+    files: list[str] = dataclasses.field(default_factory=list)
+    format: str = ""
+    adjustment: str = "raw"
+    adjusted_as_of: str | None = None
+    units: dict = dataclasses.field(default_factory=dict)
+    alias: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def partition(self) -> str:
+        return self.partitions[0] if len(self.partitions) == 1 else f"{len(self.partitions)} partitions"
+
+    def __str__(self) -> str:
+        adj = self.adjustment + (f" as of {self.adjusted_as_of}" if self.adjusted_as_of else "")
+        files = self.files[0] if len(self.files) == 1 else f"{len(self.files)} files"
+        return (f"{self.symbol} {self.interval}: {self.rows} rows, {self.added} added, {self.updated} updated, "
+                f"{self.unchanged} unchanged ({self.format}, {adj}, from {files})")
+
+
+@dataclasses.dataclass
+class ImportReport:
+    """Per-symbol results of ``import_csv``; ``str()`` gives one line per symbol."""
+
+    results: list[SymbolResult]
+    store: str = ""
+
+    @property
+    def symbols(self) -> list[str]:
+        return list(dict.fromkeys(r.symbol for r in self.results))
+
+    @property
+    def added(self) -> int:
+        return sum(r.added for r in self.results)
+
+    @property
+    def updated(self) -> int:
+        return sum(r.updated for r in self.results)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"{r.symbol}: {w}" for r in self.results for w in r.warnings]
+
+    def __getitem__(self, symbol: str) -> SymbolResult:
+        sym = _symbols.normalize(symbol)
+        for r in self.results:
+            if r.symbol == sym:
+                return r
+        raise KeyError(symbol)
+
+    def __str__(self) -> str:
+        return "\n".join([str(r) for r in self.results] + [f"warning: {w}" for w in self.warnings])
+
+    def to_dict(self) -> dict:
+        return {"store": self.store, "results": [dataclasses.asdict(r) for r in self.results]}
+
+
+# --------------------------------------------------------------------------------------------- API
+def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store: Store | str | None = None,
+               symbol: str | None = None, layout: str = "auto", kind: str = "auto", interval: str | None = None,
+               format: str | None = None, timezone: str | None = None, volume_unit: str | float | None = None,
+               price_scale: float | None = None, amount_unit: str | float | None = None,
+               adjustment: str | None = None, adjusted_as_of: str | None = None, source: str | None = None,
+               field: str = "close", on_conflict: str = "error") -> ImportReport:
+    """Import bar or tick files (CSV, .gz, .zip with one CSV) into the store; returns an ImportReport.
+
+    paths: files, directories or glob patterns. layout: "auto", "long" (a symbol column), "wide" (one
+    column per symbol holding ``field``) or "file" (one symbol per file: from a column, the file name or
+    ``symbol``). kind: "auto", "bars" or "ticks". format: a preset name (see ``PRESETS``) instead of
+    auto-detection. volume_unit: "shares", "lots" (100 shares) or shares per unit. price_scale: prices
+    are divided by it. amount_unit: "currency", "thousands" or currency units per unit. adjustment:
+    "raw", "split" or "full" (of the OHLC columns). on_conflict: "error", "keep" or "overwrite".
+    """
+    opts = _Options.make(symbol=symbol, layout=layout, kind=kind, interval=interval, format=format,
+                         timezone=timezone, volume_unit=volume_unit, price_scale=price_scale,
+                         amount_unit=amount_unit, adjustment=adjustment, adjusted_as_of=adjusted_as_of,
+                         source=source, field=field, on_conflict=on_conflict)
+    st = store if isinstance(store, Store) else Store(store)
+    pieces = [piece for path in _expand(paths) for piece in _parse_file(path, opts)]
+    jobs = _group(pieces, opts)
+    unchanged = [_precheck(st, job, opts.on_conflict) for job in jobs]  # check all before writing any
+    return ImportReport([_write(st, job, opts.on_conflict, n) for job, n in zip(jobs, unchanged)], str(st.root))
+
+
+# ------------------------------------------------------------------------------------------ options
+def _unit(value, names: dict, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() in names:
+        return names[value.strip().lower()]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number) or number <= 0:
+        raise BadInputError(f"{what} must be one of {sorted(names)} or a positive number, not {value!r}")
+    return number
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    symbol: str | None
+    alias: str | None
+    layout: str
+    kind: str
+    interval: str | None
+    preset: Preset | None
+    timezone: str | None
+    volume_unit: float | None
+    price_scale: float | None
+    amount_unit: float | None
+    adjustment: str | None
+    adjusted_as_of: str | None
+    source: str | None
+    field: str
+    on_conflict: str
+
+    @classmethod
+    def make(cls, *, symbol, layout, kind, interval, format, timezone, volume_unit, price_scale, amount_unit,
+             adjustment, adjusted_as_of, source, field, on_conflict) -> "_Options":
+        def choice(name, value, allowed):
+            if value not in allowed:
+                raise BadInputError(f"{name} must be one of {', '.join(map(repr, allowed))}, not {value!r}")
+            return value
+
+        preset = None
+        if format is not None:
+            preset = _BY_NAME.get(str(format).strip().lower())
+            if preset is None:
+                raise BadInputError(f"unknown format {format!r}; use one of {', '.join(PRESET_NAMES)}")
+        if timezone is not None:
+            try:
+                pd.Timestamp("2020-01-01").tz_localize(timezone)
+            except Exception:
+                raise BadInputError(f"unknown timezone {timezone!r}; use an IANA name such as "
+                                    "America/New_York or Asia/Shanghai") from None
+        if field not in DAILY_SCHEMA.names or field in ("date", "trade_status"):
+            raise BadInputError(f"field {field!r} is not a bar field; use one of {DAILY_SCHEMA.names[1:-1]}")
+        if adjusted_as_of is not None:
+            adjusted_as_of = _iso_date(adjusted_as_of, "adjusted_as_of")
+        return cls(
+            symbol=_symbols.normalize(symbol) if symbol is not None else None,
+            alias=symbol.strip() if symbol is not None else None,
+            layout=choice("layout", layout, ("auto", "long", "wide", "file")),
+            kind=choice("kind", kind, ("auto", "bars", "ticks")),
+            interval=parse_interval(interval) if interval is not None else None,
+            preset=preset, timezone=timezone,
+            volume_unit=_unit(volume_unit, {"shares": 1.0, "lots": 100.0, "lot": 100.0}, "volume_unit"),
+            price_scale=_unit(price_scale, {}, "price_scale"),
+            amount_unit=_unit(amount_unit, {"currency": 1.0, "thousands": 1000.0}, "amount_unit"),
+            adjustment=choice("adjustment", adjustment, (None, "raw", "split", "full")),
+            adjusted_as_of=adjusted_as_of, source=source, field=field,
+            on_conflict=choice("on_conflict", on_conflict, ("error", "keep", "overwrite")),
+        )
+
+
+def _iso_date(value, what: str) -> str:
+    try:
+        return pd.Timestamp(str(value)).date().isoformat()
+    except (ValueError, TypeError):
+        raise BadInputError(f"{what}: cannot read {value!r} as a date; write it as YYYY-MM-DD") from None
+
+
+# ---------------------------------------------------------------------------------------- reading
+def _expand(paths) -> list[Path]:
+    """Files named by ``paths`` (files, directories, glob patterns), checked to exist."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[Path] = []
+    for p in paths:
+        text = os.fspath(p)
+        if isinstance(p, str) and any(c in text for c in "*?[") and not Path(text).exists():
+            hits = sorted(glob.glob(os.path.expanduser(text)))
+            if not hits:
+                raise BadInputError(f"{text}: no file matches this pattern")
+            out.extend(Path(h) for h in hits if Path(h).is_file())
+            continue
+        path = Path(text).expanduser()
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+            if not files:
+                raise BadInputError(f"{path}: the directory holds no files")
+            out.extend(files)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise BadInputError(f"{path}: no such file; check the path")
+    if not out:
+        raise BadInputError("no files given: pass one or more CSV files, directories or glob patterns")
+    return out
+
+
+def _load_bytes(path: Path) -> tuple[bytes, str]:
+    """The file's decompressed bytes and the name that describes its content (zip member, .gz stripped)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read it ({exc.strerror})") from None
+    name = path.name
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise BadInputError(f"{path}: damaged gzip file ({exc})") from None
+        name = name[:-3] if name.lower().endswith(".gz") else name
+    elif data[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                members = [i for i in zf.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX")]
+                if len(members) != 1:
+                    raise BadInputError(f"{path}: the zip holds {len(members)} files; import_csv reads zips with "
+                                        "exactly one CSV inside (unzip it and pass the files)")
+                data, name = zf.read(members[0]), Path(members[0].filename).name
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise BadInputError(f"{path}: damaged zip file ({exc})") from None
+    return data, name
+
+
+def _read_text(path: Path, data: bytes) -> str:
+    """Decoded text, or one clear error for empty, binary or non-CSV content."""
+    if not data.strip():
+        raise BadInputError(f"{path}: the file is empty; nothing to import")
+    if b"\x00" in data:
+        raise BadInputError(f"{path}: binary content (NUL bytes), not a CSV file")
+    newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+    bounds = np.r_[-1, newlines, len(data)]
+    lengths = np.diff(bounds) - 1
+    if lengths.max() > MAX_LINE_BYTES:
+        line = int(np.argmax(lengths)) + 1
+        raise BadInputError(f"{path}: line {line} is {int(lengths.max()):,} bytes long; a CSV line is at most "
+                            f"{MAX_LINE_BYTES:,} (is this really a CSV file?)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise BadInputError(f"{path}: line {line} is not UTF-8 text (a binary file, or another encoding: "
+                            "convert it to UTF-8)") from None
+
+
+@dataclasses.dataclass
+class _Raw:
+    """A file: its header (None when headerless), first data row, and, once read, cells and line numbers."""
+
+    path: Path
+    name: str                 # content name: the zip member, or the file name without .gz
+    text: str
+    sep: str
+    header: list[str] | None
+    first: list[str]          # the first data row's fields
+    cells: pd.DataFrame | None = None   # columns 0..n-1: str for text columns, numbers for value columns
+    lines: np.ndarray | None = None     # each row's line number in the file
+
+    @property
+    def names(self) -> list[str]:
+        return [h.lower() for h in self.header] if self.header else []
+
+
+def _head(path: Path) -> _Raw:
+    """Decode the file and read its first lines: enough to pick a preset and map columns."""
+    data, name = _load_bytes(path)
+    text = _read_text(path, data)
+    rows = [r for r in text.split("\n", 3)[:3] if r.strip()]
+    first_line = rows[0].rstrip("\r")
+    sep = max(",\t;|", key=first_line.count)
+    first = next(csv.reader([first_line], delimiter=sep))
+    if any(_is_number(f) for f in first):
+        return _Raw(path, name, text, sep, None, first)
+    if len(rows) < 2:
+        raise BadInputError(f"{path}: no data rows (only a header); nothing to import")
+    header = [h.strip() for h in first]
+    first = next(csv.reader([rows[1].rstrip("\r")], delimiter=sep))
+    if len(first) == len(header) + 1 and header[0].lower() in ("date", "day") and _looks_like_time(first[1]):
+        header.insert(1, "time")  # backtrader futures: 7 names over 8 fields "date,time,..."
+    elif len(first) != len(header):
+        raise BadInputError(f"{path}: the header names {len(header)} columns but line 2 has {len(first)} fields")
+    return _Raw(path, name, text, sep, header, first)
+
+
+def _read_body(raw: _Raw, text_columns: Iterable[int]) -> None:
+    """Parse every row: text columns as str, the rest by pandas' C parser (a bad cell leaves a str column)."""
+    try:
+        cells = pd.read_csv(io.StringIO(raw.text), sep=raw.sep, header=None, skiprows=1 if raw.header else 0,
+                            dtype={i: str for i in text_columns}, keep_default_na=False, na_values=sorted(MISSING),
+                            skip_blank_lines=False, engine="c")
+    except pd.errors.ParserError as exc:
+        raise BadInputError(f"{raw.path}: cannot parse the CSV ({str(exc).strip()})") from None
+    lines = np.arange(len(cells)) + (2 if raw.header else 1)
+    filled = cells.notna().any(axis=1).to_numpy()
+    if not filled.all():
+        cells, lines = cells[filled].reset_index(drop=True), lines[filled]
+    for i in text_columns:
+        cells[i] = cells[i].fillna("")
+    raw.cells, raw.lines = cells, lines
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _looks_like_time(text: str) -> bool:
+    return bool(re.fullmatch(r"\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?", str(text).strip()))
+
+
+# ------------------------------------------------------------------------------------ preset choice
+def _detect(raw: _Raw, opts: _Options) -> Preset:
+    if opts.preset is not None:
+        return opts.preset
+    found = next((p for p in PRESETS if _matches(p, raw)), None)
+    if found is None and raw.header is None:
+        raise BadInputError(f"{raw.path}: no header and not a known headerless layout (LEAN/AlgoSeek); "
+                            "add a header line or pass format= (CLI: --format)")
+    return found or _BY_NAME["csv"]
+
+
+def _matches(p: Preset, raw: _Raw) -> bool:
+    if raw.header is None:
+        names = p.columns or ()
+        if len(names) != len(raw.first) or not re.search(p.file_pattern or "^$", raw.name):
+            return False
+    else:
+        names = raw.names
+        if p.columns or not ((p.signature and p.signature <= set(names)) or p.header == tuple(names)):
+            return False
+    if p.first_row is None:
+        return True
+    field, pattern = p.first_row
+    return re.fullmatch(pattern, raw.first[list(names).index(field)].strip()) is not None
+
+
+# ---------------------------------------------------------------------------------------- parsing
+@dataclasses.dataclass
+class _Piece:
+    """One symbol's rows from one file, in store units, checked; ready to be grouped and written."""
+
+    symbol: str
+    alias: str | None
+    kind: str                 # "daily", "intraday", "ticks"
+    interval: str             # "1d", "1m", ... "tick"
+    frame: dict               # store field -> numpy column (time, date, values in store units)
+    lines: np.ndarray
+    path: Path
+    preset: Preset
+    adjustment: str
+    adjusted_as_of: str | None
+    timezone: str | None
+    units: dict
+    warnings: list[str]
+
+
+def _parse_file(path: Path, opts: _Options) -> list[_Piece]:
+    """Read, convert and check one file; one piece per symbol in it."""
+    raw = _head(path)
+    preset = _detect(raw, opts)
+    cols, wide, warnings = _columns(raw, preset, opts)
+    _read_body(raw, [i for f, i in cols.items() if f in _TEXT_FIELDS])
+    where = str(path)
+    cells, lines, spellings = _symbol_spellings(raw, cols, wide, opts, where)
+    stamps, has_time, aware = _timestamps(raw, cells, lines, cols, where)
+    kind = _kind(opts, preset, has_time, cols, where)
+    units, factors = _units(preset, opts)
+    values = _store_units({f: _numbers(cells[i], f, lines, where) for f, i in cols.items()
+                           if f not in _TEXT_FIELDS + ("ms",)}, factors)
+    suspicious = np.nan_to_num(values.pop("suspicious", np.zeros(len(lines)))) != 0
+    empty = np.all([np.isnan(v) for v in values.values()], axis=0)
+    for drop, why in ((suspicious, "record(s) flagged suspicious"), (empty & ~suspicious, "row(s) without values")):
+        if drop.any():  # LEAN leaves suspicious ticks out of its own bars too; Yahoo writes 'null' rows
+            warnings.append(f"dropped {int(drop.sum())} {why}")
+    if (suspicious | empty).any():
+        keep = ~(suspicious | empty)
+        lines, spellings, stamps = lines[keep], spellings[keep], stamps[keep]
+        values = {k: v[keep] for k, v in values.items()}
+        if not keep.any():
+            raise BadInputError(f"{where}: no row has any value; nothing to import")
+    adjustment, as_of_last = _adjustment(preset, opts, values.pop("adjustflag", None), where)
+
+    pieces = []
+    for spelling in pd.unique(spellings):
+        sel = spellings == spelling
+        sym = _checked_symbol(spelling, where, lines[sel][0])
+        tz = opts.timezone or preset.timezone or (None if kind == "daily" else _known_timezone(sym))
+        frame = {k: v[sel] for k, v in values.items()}
+        tz = _add_keys(frame, stamps[sel], has_time, aware, kind, tz, where, sym)
+        interval = _interval(opts, preset, kind, frame, where)
+        last = str(frame["date"].max())
+        frame = _schema_columns(frame, kind, warnings)
+        _check_values(frame, lines[sel], where)
+        frame, frame_lines = _dedupe(frame, kind, lines[sel], where)
+        as_of = opts.adjusted_as_of or (last if as_of_last else None)
+        alias = None if str(spelling).upper() == sym else str(spelling)
+        pieces.append(_Piece(sym, alias, kind, interval, frame, frame_lines, path, preset, adjustment, as_of, tz,
+                             units, list(warnings)))
+    return pieces
+
+
+def _store_units(values: dict, factors: dict) -> dict:
+    """Vendor units -> shares and currency units; vendor codes for 'none' -> the store's."""
+    for field, factor in factors.items():
+        if field in values and factor != 1:
+            values[field] = values[field] / factor if field in PRICE_FIELDS else values[field] * factor
+    if "split" in values:  # Yahoo's "Stock Splits" writes 0 for none
+        values["split"] = np.where(values["split"] == 0, 1.0, values["split"])
+    for side in ("bid", "ask"):  # a quote update of one side writes 0 for the other: absent, not free
+        if side in values:
+            absent = values[side] == 0
+            for name in (side, f"{side}_size"):
+                values[name] = np.where(absent, np.nan, values.get(name, np.nan))
+    return values
+
+
+def _symbol_spellings(raw: _Raw, cols: dict, wide: list[int] | None, opts: _Options, where: str):
+    """(cells, lines, each row's symbol as written): from a column, the wide header, the option or file name."""
+    cells, lines = raw.cells, raw.lines
+    col = cols.pop("symbol", None)
+    if wide:
+        return _melt(raw, wide, cols, opts.field)
+    if col is not None and opts.symbol is None:
+        spellings = cells[col].str.strip().to_numpy()
+        if (spellings == "").any():
+            raise BadInputError(f"{where} line {lines[int(np.argmax(spellings == ''))]}: the symbol column is empty")
+        return cells, lines, spellings
+    if opts.symbol is not None:
+        found = pd.unique(cells[col].str.strip()) if col is not None else []
+        if len(found) > 1:
+            raise BadInputError(f"{where}: the file holds {len(found)} symbols ({', '.join(found[:5])}); "
+                                "symbol= is for one-symbol files: leave it out")
+        return cells, lines, np.full(len(cells), opts.alias, dtype=object)
+    guess = _symbol_from_name(raw.name) or _symbol_from_name(raw.path.name)
+    if guess is None:
+        raise BadInputError(f"{where}: no symbol column and no symbol in the file name; pass symbol= "
+                            "(CLI: --symbol)")
+    return cells, lines, np.full(len(cells), guess, dtype=object)
+
+
+def _columns(raw: _Raw, preset: Preset, opts: _Options) -> tuple[dict, list[int] | None, list[str]]:
+    """(store field -> column index, the symbol columns of a wide file or None, warnings)."""
+    warnings: list[str] = []
+    if raw.header is None:
+        if not preset.columns:
+            raise BadInputError(f"{raw.path}: the file has no header; format {preset.name!r} needs one")
+        if len(preset.columns) != len(raw.first):
+            raise BadInputError(f"{raw.path}: format {preset.name!r} has {len(preset.columns)} columns, the file "
+                                f"has {len(raw.first)}")
+        names = list(preset.columns)
+    else:
+        names = raw.names
+    rename = dict(preset.rename)
+    cols: dict[str, int] = {}
+    unknown = []
+    for i, name in enumerate(names):
+        field = rename.get(name) or ALIASES.get(name) or (name if name in ("ms", "adjustflag") else None)
+        if field is None:
+            if name not in IGNORED:
+                unknown.append(i)
+            continue
+        if field in cols:
+            raise BadInputError(f"{raw.path}: columns {raw.header[cols[field]]!r} and {raw.header[i]!r} both "
+                                f"mean {field!r}; drop one of them")
+        cols[field] = i
+    if "time" in cols and not {"date", "datetime"} & set(cols):  # a lone "time" column holds the timestamp
+        cols["datetime"] = cols.pop("time")
+    if not {"date", "datetime", "ms"} & set(cols):
+        raise BadInputError(f"{raw.path}: no date column (looked for {', '.join(k for k, v in ALIASES.items() if v in ('date', 'datetime'))}); "
+                            "rename it or pass format=")
+    values = set(cols) - {"date", "time", "datetime", "ms", "symbol", "adjustflag"}
+    wide = opts.layout == "wide" or (opts.layout == "auto" and not values and unknown)
+    if wide:
+        if values or not unknown:
+            raise BadInputError(f"{raw.path}: a wide file has a date column and one column per symbol; this one "
+                                f"has field columns {sorted(values)}")
+        return cols, unknown, warnings
+    if opts.layout == "long" and "symbol" not in cols:
+        raise BadInputError(f"{raw.path}: layout='long' needs a symbol column (symbol, ticker, code, ts_code)")
+    if unknown:
+        warnings.append(f"ignored column(s) {[raw.header[i] for i in unknown]}")
+    if not values & {"close", "price", "bid", "ask"}:
+        raise BadInputError(f"{raw.path}: no close or price column (found {raw.header or list(names)}); "
+                            "rename the columns or pass format=")
+    return cols, None, warnings
+
+
+def _melt(raw: _Raw, wide_cols: list[int], cols: dict, field: str):
+    """Wide -> long: one row per (row, symbol column), the value in a new column mapped to ``field``."""
+    n, k = len(raw.cells), len(wide_cols)
+    cells = pd.DataFrame({i: np.tile(raw.cells[i].to_numpy(), k) for i in cols.values()})
+    value_col = raw.cells.shape[1]
+    cells[value_col] = np.concatenate([raw.cells[i].to_numpy() for i in wide_cols])
+    cols[field] = value_col
+    syms = np.repeat(np.array([raw.header[i] for i in wide_cols], dtype=object), n)
+    keep = cells[value_col].notna().to_numpy()
+    return cells[keep].reset_index(drop=True), np.tile(raw.lines, k)[keep], syms[keep]
+
+
+def _symbol_from_name(name: str) -> str | None:
+    """The one token of a file name that can be a ticker: 'AAPL_data.csv', 'yahoofinance-AAPL-2004.csv'."""
+    stem = re.sub(r"(?i)(\.(csv|txt|tsv|gz|zip))+$", "", name)
+    noise = {"data", "daily", "day", "minute", "min", "tick", "ticks", "trade", "quote", "csvdir", "yahoo",
+             "yahoofinance", "hist", "history", "intraday", "volume", "bars", "prices", "ohlc", "ohlcv", "1d",
+             "1m", "5m", "1min", "5min"}
+    tokens = [t for t in re.split(r"[\s_\-]+", stem) if t and not t.isdigit() and t.lower() not in noise]
+    if len(tokens) != 1:
+        return None
+    try:
+        _symbols.normalize(tokens[0])
+    except BadInputError:
+        return None
+    return tokens[0]
+
+
+def _checked_symbol(spelling, where: str, line: int) -> str:
+    try:
+        return _symbols.normalize(str(spelling))
+    except BadInputError as exc:
+        raise BadInputError(f"{where} line {line}: {exc}") from None
+
+
+def _known_timezone(sym: str) -> str | None:
+    """The exchange timezone when the symbol names its exchange (600519.SS, 7203.T); bare tickers: None."""
+    tz = _symbols.timezone(sym)
+    return tz if tz != _symbols.timezone("AAPL") else None
+
+
+# --------------------------------------------------------------------------------------- timestamps
+_TIME_FORMATS = (  # regex of the first value -> strptime formats to try, in order
+    (r"\d{4}-\d{1,2}-\d{1,2}", ("%Y-%m-%d",)),
+    (r"\d{4}/\d{1,2}/\d{1,2}", ("%Y/%m/%d",)),
+    (r"\d{8}", ("%Y%m%d",)),
+    (r"\d{12}", ("%Y%m%d%H%M",)),
+    (r"\d{14}", ("%Y%m%d%H%M%S",)),
+    (r"\d{8} \d{1,2}:\d{2}", ("%Y%m%d %H:%M",)),
+    (r"\d{8} \d{1,2}:\d{2}:\d{2}", ("%Y%m%d %H:%M:%S",)),
+    (r"\d{1,2}/\d{1,2}/\d{4}", ("%m/%d/%Y", "%d/%m/%Y")),
+    (r"\d{1,2}/\d{1,2}/\d{4} \d{1,2}:\d{2}", ("%m/%d/%Y %H:%M", "%d/%m/%Y %H:%M")),
+    (r"\d{1,2}/\d{1,2}/\d{4} \d{1,2}:\d{2}:\d{2}", ("%m/%d/%Y %H:%M:%S", "%d/%m/%Y %H:%M:%S")),
+    (r"\d{4}-\d{2}-\d{2}[ T]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?", ("ISO8601",)),
+)
+_OFFSET = r"(?:Z|[+-]\d{2}:?\d{2})$"
+
+
+def _timestamps(raw: _Raw, cells, lines, cols, where: str) -> tuple[np.ndarray, bool, bool]:
+    """(datetime64[ns] stamps, any time of day, aware) from the time columns; aware stamps are in UTC."""
+    if "ms" in cols:
+        return _ms_of_day(raw, _numbers(cells[cols["ms"]], "ms", lines, where), lines, where), True, False
+    text = cells[cols["datetime" if "datetime" in cols else "date"]].str.strip()
+    if "time" in cols:
+        text = text + " " + cells[cols["time"]].str.strip()
+    values = text.to_numpy(dtype=object)
+    if (values == "").any():
+        raise BadInputError(f"{where} line {lines[int(np.argmax(values == ''))]}: the date is empty")
+    has_offset = text.str.contains(_OFFSET, regex=True).to_numpy()
+    if has_offset.any() and not has_offset.all():
+        i = int(np.argmax(has_offset != has_offset[0]))
+        has = "has a UTC offset but" if has_offset[i] else "has no UTC offset but"
+        raise BadInputError(f"{where} line {lines[i]}: {values[i]!r} {has} line {lines[0]} ({values[0]!r}) "
+                            f"{'does not' if has_offset[i] else 'does'}; write all times one way")
+    aware = bool(has_offset[0])
+    if aware and text.str.contains(r"[ T]00:00(?::00(?:\.0+)?)?" + _OFFSET, regex=True).all():
+        text, aware = text.str[:10], False  # daily bars stamped at local midnight: the date is the session
+    parsed = _parse_stamps(text, aware, lines, where)
+    stamps = (parsed.dt.tz_convert("UTC").dt.tz_localize(None) if aware else parsed).to_numpy()
+    outside = (stamps < np.datetime64("1678-01-01")) | (stamps >= np.datetime64("2262-01-01"))  # int64 ns range
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise BadInputError(f"{where} line {lines[i]}: {values[i]!r} is outside the dates fintensor stores "
+                            "(1678-01-01 .. 2261-12-31)")
+    stamps = stamps.astype("datetime64[ns]")
+    has_time = bool((stamps != stamps.astype("datetime64[D]")).any()) or "time" in cols or aware
+    return stamps, has_time, aware
+
+
+def _ms_of_day(raw: _Raw, ms: np.ndarray, lines, where: str) -> np.ndarray:
+    """LEAN: milliseconds since local midnight, the date in the file name."""
+    m = re.search(r"(\d{8})", raw.name) or re.search(r"(\d{8})", raw.path.name)
+    if m is None:
+        raise BadInputError(f"{where}: times are milliseconds since midnight but the file name holds no "
+                            "YYYYMMDD date")
+    bad = ~((ms >= 0) & (ms < 86_400_000))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise BadInputError(f"{where} line {lines[i]}: {ms[i]:g} is not milliseconds since midnight")
+    return np.datetime64(pd.Timestamp(m.group(1)).date(), "ns") + ms.astype("int64").astype("timedelta64[ms]")
+
+
+def _parse_stamps(text: pd.Series, aware: bool, lines, where: str) -> pd.Series:
+    """Parse every value in the format of the first one: a value written otherwise is an error."""
+    first = text.iloc[0]
+    formats = next((f for rx, f in _TIME_FORMATS if re.fullmatch(rx, first)), None)
+    if formats is None:
+        raise BadInputError(f"{where} line {lines[0]}: cannot read {first!r} as a date or time; use "
+                            "YYYY-MM-DD (daily) or YYYY-MM-DD HH:MM:SS (intraday)")
+    parsed = _compact_digits(text, formats[0])
+    if parsed is not None:
+        return parsed
+    fails = None
+    for fmt in formats:
+        parsed = pd.to_datetime(text, format=fmt, errors="coerce", utc=aware)
+        bad = parsed.isna().to_numpy()
+        if not bad.any():
+            return parsed
+        fails = int(np.argmax(bad)) if fails is None else fails
+    raise BadInputError(f"{where} line {lines[fails]}: cannot read {text.iloc[fails]!r} as a date in the format "
+                        f"of line {lines[0]} ({first!r}); write every date the same way")
+
+
+_DIGIT_FIELDS = (("year", 4), ("month", 2), ("day", 2), ("hour", 2), ("minute", 2), ("second", 2))
+
+
+def _compact_digits(text: pd.Series, fmt: str) -> pd.Series | None:
+    """Fast path for YYYYMMDD[hhmm[ss]] stamps (strptime is slow): None when any value does not fit."""
+    width = {"%Y%m%d": 8, "%Y%m%d%H%M": 12, "%Y%m%d%H%M%S": 14}.get(fmt)
+    if width is None or not text.str.fullmatch(r"\d{%d}" % width).all():
+        return None
+    n = text.astype("int64").to_numpy()
+    parts, shift = {}, width
+    for name, w in _DIGIT_FIELDS:
+        if shift == 0:
+            break
+        shift -= w
+        parts[name] = n // 10**shift % 10**w
+    parsed = pd.to_datetime(pd.DataFrame(parts), errors="coerce")
+    return None if parsed.isna().any() else parsed
+
+
+def _kind(opts: _Options, preset: Preset, has_time: bool, cols: dict, where: str) -> str:
+    """'daily', 'intraday' or 'ticks': the option, else the preset, else the data (price or quotes, no OHLC: ticks)."""
+    want = opts.kind if opts.kind != "auto" else preset.kind
+    if want is None:
+        want = "ticks" if {"price", "bid", "ask"} & set(cols) and not {"open", "close"} & set(cols) else "bars"
+    if want == "ticks":
+        if not has_time:
+            raise BadInputError(f"{where}: ticks need a time of day, the file has dates only")
+        return "ticks"
+    interval = opts.interval or preset.interval
+    return interval_kind(interval) if interval else ("intraday" if has_time else "daily")
+
+
+def _add_keys(frame: dict, stamps, has_time, aware, kind, tz, where, sym) -> str | None:
+    """Add date (daily) or time + local date (intraday, ticks) to ``frame``; returns the timezone."""
+    if kind == "daily":
+        if aware:  # an instant: its session date is the local date in the exchange's timezone
+            local = pd.DatetimeIndex(stamps).tz_localize("UTC").tz_convert(tz or _symbols.timezone(sym))
+            stamps = local.tz_localize(None).to_numpy()
+        elif has_time and (stamps != stamps.astype("datetime64[D]")).any():
+            raise BadInputError(f"{where}: daily bars with times of day; pass interval= for intraday bars")
+        frame["date"] = stamps.astype("datetime64[D]")
+        return tz
+    if aware:
+        utc = pd.DatetimeIndex(stamps).tz_localize("UTC")
+        tz = tz or _symbols.timezone(sym)
+    else:
+        if tz is None:
+            raise BadInputError(f"{where}: the times have no timezone and none can be inferred for {sym}; pass "
+                                "timezone= (CLI: --tz), e.g. America/New_York, or write UTC offsets")
+        try:
+            utc = pd.DatetimeIndex(stamps).tz_localize(tz, ambiguous="raise", nonexistent="raise").tz_convert("UTC")
+        except Exception as exc:  # pytz/zoneinfo raise several types for DST gaps and overlaps
+            raise BadInputError(f"{where}: a local time does not exist or is ambiguous in {tz} ({exc}); write "
+                                "UTC offsets") from None
+    frame["time"] = utc.tz_localize(None).to_numpy().astype("datetime64[ns]")
+    frame["date"] = utc.tz_convert(tz).tz_localize(None).to_numpy().astype("datetime64[D]")
+    return tz
+
+
+_STEPS = {60: "1m", 120: "2m", 300: "5m", 900: "15m", 1800: "30m", 3600: "60m", 5400: "90m"}
+
+
+def _interval(opts: _Options, preset: Preset, kind: str, frame: dict, where: str) -> str:
+    if kind == "ticks":
+        return "tick"
+    iv = opts.interval or preset.interval
+    if iv is not None:
+        if interval_kind(iv) != kind:
+            raise BadInputError(f"{where}: interval {iv} does not fit {kind} data")
+        return iv
+    if kind == "daily":
+        return "1d"
+    t = np.sort(frame["time"].astype("int64"))
+    d = np.diff(t) // 10**9
+    d = d[(d > 0) & (d < 6 * 3600)]
+    step = int(np.min(d)) if len(d) else 0
+    if step not in _STEPS:
+        raise BadInputError(f"{where}: cannot infer the bar interval (smallest step {step} s); pass interval= "
+                            "(CLI: --interval) or kind='ticks'")
+    return _STEPS[step]
+
+
+# ------------------------------------------------------------------------------------------- values
+def _numbers(col: pd.Series, field: str, lines: np.ndarray, where: str) -> np.ndarray:
+    """A column as float64 (missing -> NaN); one clear error naming the cell that is not a finite number."""
+    if not pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype):  # text or TRUE/FALSE
+        text = col.astype(str).str.strip()
+        if field == "side":
+            text = text.str.lower().replace({"b": "0", "buy": "0", "s": "1", "sell": "1"})
+        missing = text.isin(MISSING).to_numpy()
+        col = pd.to_numeric(text.where(~missing, None), errors="coerce")
+        bad = col.isna().to_numpy() & ~missing
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise BadInputError(f"{where} line {lines[i]}, column {field!r}: cannot read {text.iloc[i]!r} as a "
+                                "number")
+    out = col.to_numpy(dtype="float64")
+    inf = np.isinf(out)
+    if inf.any():
+        i = int(np.argmax(inf))
+        raise BadInputError(f"{where} line {lines[i]}, column {field!r}: {out[i]} is not a finite number")
+    return out
+
+
+def _units(preset: Preset, opts: _Options) -> tuple[dict, dict]:
+    """The manifest's ``units`` record and the factor applied to each field group."""
+    vol = opts.volume_unit or preset.volume_unit
+    scale = opts.price_scale or preset.price_scale
+    amount = opts.amount_unit or preset.amount_unit
+    units = {"volume": "shares", "price_scale": scale}
+    done = []
+    if vol != 1:
+        units["volume_factor"] = vol
+        done.append("volume lots x100" if vol == 100 else f"volume x{vol:g}")
+    if scale != 1:
+        done.append(f"prices /{scale:g}")
+    if amount != 1:
+        units["amount_factor"] = amount
+        done.append(f"amount x{amount:g}")
+    if done:
+        units["converted"] = ", ".join(done)
+    factors = {f: scale for f in PRICE_FIELDS} | {f: vol for f in VOLUME_FIELDS} | {"amount": amount}
+    return units, factors
+
+
+def _adjustment(preset: Preset, opts: _Options, adjustflag: np.ndarray | None, where: str) -> tuple[str, bool]:
+    """(adjustment of the OHLC columns, whether it is as of the file's last date)."""
+    adjustment = opts.adjustment or preset.adjustment
+    if adjustflag is not None and opts.adjustment is None:  # baostock: 1 backward, 2 forward (qfq), 3 raw
+        flags = np.unique(adjustflag[~np.isnan(adjustflag)])
+        if len(flags) > 1:
+            raise BadInputError(f"{where}: the adjustflag column mixes {sorted(flags)}; import one adjustment "
+                                "per file")
+        flag = int(flags[0]) if len(flags) else 3
+        return ("raw", False) if flag == 3 else ("full", flag == 2)
+    return adjustment, adjustment != "raw"
+
+
+def _schema_columns(frame: dict, kind: str, warnings: list[str]) -> dict:
+    """Keep the store schema's columns; 'price' bars (hikyuu 1-minute) become close, 'close' ticks price."""
+    names = SCHEMAS[kind].names
+    if kind == "ticks" and "price" not in frame and "close" in frame:
+        frame["price"] = frame.pop("close")
+    if kind != "ticks" and "price" in frame and "close" not in frame:
+        frame["close"] = frame.pop("price")
+    extra = [c for c in frame if c not in names and c != "date"]
+    if extra and f"dropped column(s) {extra}: not part of {kind} data" not in warnings:
+        warnings.append(f"dropped column(s) {extra}: not part of {kind} data")
+    return {k: v for k, v in frame.items() if k in names}
+
+
+_CODES = {"side": (0, 1, 2), "trade_status": (0, 1)}
+
+
+def _check_values(frame: dict, lines: np.ndarray, where: str) -> None:
+    """Negative prices or volumes, and codes out of range, named by line and column."""
+    for name, col in frame.items():
+        bad = col < 0 if name in NONNEGATIVE else None
+        if name in _CODES:
+            bad = ~np.isin(col, _CODES[name]) & ~np.isnan(col)
+        if bad is not None and bad.any():
+            i = int(np.argmax(bad))
+            rule = f"must be one of {_CODES[name]}" if name in _CODES else "prices and volumes must be >= 0"
+            what = "negative value" if name in NONNEGATIVE else "value"
+            raise BadInputError(f"{where} line {lines[i]}, column {name!r}: {what} {col[i]:g}; {rule}")
+
+
+def _dedupe(frame: dict, kind: str, lines: np.ndarray, where: str) -> tuple[dict, np.ndarray]:
+    """Sort by key; drop exact duplicate rows; a key repeated with other values is an error (not for ticks)."""
+    key = "date" if kind == "daily" else "time"
+    order = np.argsort(frame[key], kind="stable")
+    frame, lines = {k: v[order] for k, v in frame.items()}, lines[order]
+    k = frame[key]
+    same_key = np.r_[False, k[1:] == k[:-1]]
+    if kind == "ticks" or not same_key.any():
+        return frame, lines
+    values = np.column_stack([v for name, v in frame.items() if name not in ("time", "date")])
+    a, b = values[1:], values[:-1]
+    same_row = np.r_[False, ((a == b) | (np.isnan(a) & np.isnan(b))).all(axis=1)]
+    clash = same_key & ~same_row
+    if clash.any():
+        i = int(np.argmax(clash))
+        stamp = k[i] if key == "date" else pd.Timestamp(k[i], tz="UTC")
+        raise BadInputError(f"{where} lines {lines[i - 1]} and {lines[i]}: duplicate {key} {stamp} with different "
+                            "values; keep one row per timestamp")
+    return {name: v[~same_key] for name, v in frame.items()}, lines[~same_key]
+
+
+# --------------------------------------------------------------------------------- grouping, writing
+@dataclasses.dataclass
+class _Job:
+    """One store write: a symbol's rows at one interval, from one or more files, checked and conformed."""
+
+    symbol: str
+    kind: str
+    interval: str
+    table: pa.Table
+    pieces: list[_Piece]
+    source: str
+    adjusted_as_of: str | None
+
+
+def _group(pieces: list[_Piece], opts: _Options) -> list[_Job]:
+    """One store write per (symbol, interval): files of the same symbol are merged and checked together."""
+    groups: dict[tuple, list[_Piece]] = {}
+    for p in pieces:
+        groups.setdefault((p.symbol, p.interval), []).append(p)
+    jobs = []
+    for (sym, interval), group in groups.items():
+        first = group[0]
+        for p in group[1:]:
+            for what in ("adjustment", "timezone", "units"):
+                if getattr(p, what) != getattr(first, what):
+                    raise BadInputError(f"{sym}: {first.path} and {p.path} disagree on {what} "
+                                        f"({getattr(first, what)} vs {getattr(p, what)}); import them separately")
+        frame = first.frame
+        if len(group) > 1:
+            names = list(dict.fromkeys(n for p in group for n in p.frame))
+            frame = {n: np.concatenate([p.frame.get(n, np.full(len(p.lines), np.nan)) for p in group]) for n in names}
+            frame, _ = _dedupe(frame, first.kind, np.concatenate([p.lines for p in group]),
+                               f"{sym} ({len(group)} files)")
+        label = f"{first.path}" if len(group) == 1 else f"{sym} from {len(group)} files"
+        table = conform(_to_arrow(frame, first.kind), first.kind, label)
+        presets = list(dict.fromkeys(p.preset.name for p in group))
+        source = opts.source or "file:" + "+".join(presets)  # e.g. file:yahoo
+        as_of = max((p.adjusted_as_of for p in group if p.adjusted_as_of), default=None)
+        jobs.append(_Job(sym, first.kind, interval, table, group, source, as_of))
+    return jobs
+
+
+def _to_arrow(frame: dict, kind: str) -> pa.Table:
+    fields = [f for f in SCHEMAS[kind] if f.name in frame]
+    arrays = []
+    for field in fields:
+        col = frame[field.name]
+        if field.name == "time":
+            arrays.append(pa.array(col.astype("datetime64[ns]"), pa.timestamp("ns")).cast(field.type))
+        elif field.name == "date":
+            arrays.append(pa.array(col.astype("datetime64[D]"), pa.date32()))
+        else:
+            arrays.append(pa.array(col, from_pandas=True).cast(field.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _precheck(store: Store, job: _Job, on_conflict: str) -> int | None:
+    """Raise now what the write would raise later, so a multi-file import writes all or nothing.
+
+    Returns the number of unchanged rows when writing would change nothing (a re-import), else None.
+    """
+    first = job.pieces[0]
+    parts = _tick_days(job) if job.kind == "ticks" else [(None, job.table)]
+    unchanged, noop = 0, True
+    for day, table in parts:
+        man = store.manifest(job.symbol, job.interval, date=day)
+        if man is None or on_conflict == "overwrite":  # overwrite: the new rows win whatever is stored
+            noop = False
+            continue
+        tz = first.timezone or _symbols.timezone(job.symbol)
+        _same_meta(man, job, "raw" if day else first.adjustment, tz)
+        if day is None:
+            stored = store.read_partition(job.symbol, job.interval)
+        else:
+            stored = store.read_ticks(job.symbol, day, day).drop_columns(["symbol", "date"])
+        label = f"{job.symbol} {day or job.interval}"
+        _, (added, updated, same, _) = _merge_tables(stored, table, job.kind, on_conflict, label)
+        if day is not None and updated:  # would fill stored records' empty fields: different records at (time, seq)
+            raise ConflictError(
+                f"{label}: {updated} new tick(s) share (time, seq) with stored ticks that have other fields "
+                "(e.g. quotes after trades); import a day's trades and quotes together in one call, or remove "
+                f"the stored day first (fintensor cache rm {job.symbol} --interval tick)")
+        noop &= added == updated == 0
+        unchanged += same
+    return unchanged if noop else None
+
+
+def _tick_days(job: _Job) -> list[tuple]:
+    """(local session date, its rows) of a tick job: ticks are stored per symbol and date."""
+    local = pd.DatetimeIndex(job.table.column("time").to_numpy()).tz_localize("UTC").tz_convert(job.pieces[0].timezone)
+    days = local.tz_localize(None).normalize().to_numpy()
+    return [(pd.Timestamp(d).date(), job.table.filter(pa.array(days == d))) for d in np.unique(days)]
+
+
+def _same_meta(man: dict, job: _Job, adjustment: str, tz: str) -> None:
+    for what, new in (("adjustment", adjustment), ("timezone", tz)):
+        if man.get(what) != new:
+            raise ConflictError(
+                f"{job.symbol} {job.interval}: the store holds {what} {man.get(what)!r} (source {man.get('source')}), "
+                f"the files are {new!r}; remove the stored data first (fintensor cache rm {job.symbol}) or pass "
+                "on_conflict='overwrite' (CLI: --on-conflict overwrite)")
+
+
+def _write(store: Store, job: _Job, on_conflict: str, unchanged: int | None) -> SymbolResult:
+    """Write one job (skipped when the precheck found it changes nothing) and report what happened."""
+    first = job.pieces[0]
+    alias = next((p.alias for p in job.pieces if p.alias), None)
+    common = dict(source=job.source, units=first.units, on_conflict=on_conflict, alias=alias)
+    if unchanged is not None and (alias is None or store.aliases().get(alias) == job.symbol):
+        days = [d for d, _ in _tick_days(job)] if job.kind == "ticks" else [None]
+        parts = [store.partition_dir(job.symbol, job.interval, date=d, kind="ticks" if d else None) for d in days]
+        results = [WriteResult(job.symbol, job.kind, str(p.relative_to(store.root)), noop=True) for p in parts]
+        results[0].unchanged = unchanged
+    elif job.kind == "ticks":
+        results = store.write_ticks(job.symbol, job.table, timezone=first.timezone, **common)
+    else:
+        results = [store.write_bars(job.symbol, job.table, interval=job.interval, adjustment=first.adjustment,
+                                    adjusted_as_of=job.adjusted_as_of, timezone=first.timezone, **common)]
+    warnings = list(dict.fromkeys(w for p in job.pieces for w in p.warnings))
+    return SymbolResult(
+        symbol=job.symbol, interval=job.interval, rows=job.table.num_rows,
+        added=sum(r.added for r in results), updated=sum(r.updated for r in results),
+        unchanged=sum(r.unchanged for r in results),
+        partitions=[r.partition for r in results], files=[str(p.path) for p in job.pieces],
+        format="+".join(dict.fromkeys(p.preset.name for p in job.pieces)), adjustment=first.adjustment,
+        adjusted_as_of=job.adjusted_as_of, units=first.units, alias=alias, warnings=warnings)
