@@ -1,0 +1,692 @@
+"""Store -> StockTensor: ``build`` (time, stock, feature) and ``build_ticks`` (day, tick, stock, feature).
+
+The time axis is the exchange's calendar, never the union of whatever rows exist; a cell that was not
+traded is NaN with mask False. The hot path reads only the needed Arrow columns of each partition and
+scatters them by integer (time, stock) positions into one preallocated array: no pandas, no pivot.
+Built tensors are cached under ``<store>/tensors/`` keyed by the request and the store's checksums.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from . import calendars as _calendars
+from . import symbols as _symbols
+from .errors import BadInputError, FintensorError, MissingDataError
+from .store import DAILY_SCHEMA, Store, interval_kind, parse_interval
+from .tensor import StockTensor, load
+
+#: Bumped whenever a build's output for the same inputs changes (old cache entries then miss).
+BUILD_VERSION = 1
+ADJUSTMENTS = ("raw", "split", "full")
+DAILY_FIELDS = tuple(n for n in DAILY_SCHEMA.names if n != "date")
+PRICE_FIELDS = ("open", "high", "low", "close", "pre_close")  # scaled by the price adjustment
+FLOW_FIELDS = ("volume", "amount", "turnover")                 # 0 on a filled (not traded) day
+TICK_FIELDS = ("price", "volume", "amount", "open", "high", "low", "close", "trades")
+#: Exchanges with call auctions and late-stamped prints: out-of-session records fold into the nearest
+#: slot (09:25 auction -> first slot, 11:30:02 -> last morning slot, 15:00:00 close auction -> last slot).
+FOLD_CALENDARS = ("XSHG",)
+_NS = 10**9
+
+
+# ------------------------------------------------------------------------------------ validation
+def _symbol_list(symbols) -> list[str]:
+    raw = [symbols] if isinstance(symbols, str) else list(symbols or [])
+    if not raw:
+        raise BadInputError("no symbols given; name at least one, e.g. AAPL or 600519.SS")
+    out: dict[str, str] = {}
+    for s in raw:
+        sym = _symbols.normalize(s)
+        if sym in out:
+            raise BadInputError(f"symbol {s!r} is given twice (as {out[sym]!r} too); each stock once")
+        out[sym] = s
+    return list(out)
+
+
+def _field_list(fields, allowed: Sequence[str]) -> list[str]:
+    raw = [fields] if isinstance(fields, str) else list(fields or [])
+    if not raw:
+        raise BadInputError(f"no fields given; choose from {', '.join(allowed)}")
+    bad = [f for f in raw if f not in allowed]
+    if bad:
+        raise BadInputError(f"unknown field(s) {bad}; available: {', '.join(allowed)}")
+    if len(set(raw)) != len(raw):
+        raise BadInputError(f"fields {raw} repeat a name")
+    return raw
+
+
+def _date(x, what: str) -> dt.date:
+    import pandas as pd
+
+    try:
+        ts = pd.Timestamp(x)
+    except (ValueError, TypeError):
+        ts = pd.NaT
+    if ts is pd.NaT:
+        raise BadInputError(f"cannot read {what} {x!r} as a date; write it as YYYY-MM-DD")
+    return ts.date()
+
+
+def _calendar_for(syms: list[str], calendar: str | None, allow_union: bool = True) -> tuple[str, list[str]]:
+    """The calendar name to build on ('union' allowed) and the symbols' own calendars."""
+    own = _calendars.for_symbols(syms)
+    by_cal = {c: [s for s in syms if _symbols.exchange(s) == c] for c in own}
+    listing = "; ".join(f"{c}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for c, v in by_cal.items())
+    if calendar is None:
+        if len(own) > 1:
+            raise BadInputError(f"the symbols trade on different calendars ({listing}); pass calendar='union' "
+                                f"or one of {', '.join(own)} to align them explicitly")
+        return own[0], own
+    if str(calendar).lower() == "union":
+        if not allow_union:
+            raise BadInputError("calendar='union' is for daily builds; intraday slots need one exchange's "
+                                "session, build each exchange separately")
+        return "union", own
+    name = _calendars.resolve(calendar)
+    if name not in own:
+        raise BadInputError(f"calendar {calendar!r} does not match the symbols ({listing}); use "
+                            f"{' or '.join(own)}" + (" or 'union'" if allow_union and len(own) > 1 else ""))
+    if not allow_union and len(own) > 1:
+        raise BadInputError(f"intraday slots need one exchange's session but the symbols trade on "
+                            f"{listing}; build each exchange separately")
+    return name, own
+
+
+def _sessions(calendar: str, own: list[str], start: dt.date, end: dt.date) -> np.ndarray:
+    if start > end:
+        raise BadInputError(f"empty range: start {start} is after end {end}")
+    names = own if calendar == "union" else [calendar]
+    days = np.unique(np.concatenate([_calendars.sessions(c, start, end) for c in names]))
+    if len(days) == 0:
+        raise BadInputError(f"empty range: no {'/'.join(names)} sessions between {start} and {end}; "
+                            "widen the range")
+    return days
+
+
+def _as_store(store) -> Store:
+    return store if isinstance(store, Store) else Store(store)
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    names = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+             "bfloat16": torch.bfloat16}
+    if str(dtype).replace("torch.", "") in names:
+        return names[str(dtype).replace("torch.", "")]
+    raise BadInputError(f"dtype {dtype!r} is not a floating dtype; use torch.float32 or torch.float64")
+
+
+def _parse_fill(fill) -> tuple[str, int | None] | None:
+    """None, 'ffill' (no limit) or ('ffill', limit)."""
+    if fill is None or fill is False:
+        return None
+    if fill == "ffill":
+        return ("ffill", None)
+    if isinstance(fill, (tuple, list)) and len(fill) == 2 and fill[0] == "ffill":
+        limit = fill[1]
+        if limit is None:
+            return ("ffill", None)
+        if isinstance(limit, (int, np.integer)) and not isinstance(limit, bool) and limit > 0:
+            return ("ffill", int(limit))
+    raise BadInputError(f"fill={fill!r} is not understood; use None, 'ffill' or ('ffill', LIMIT) with a "
+                        "positive number of sessions")
+
+
+def _missing_error(store: Store, missing: list[str], what: str, start, end) -> MissingDataError:
+    names = " ".join(missing)
+    how = (f"`fintensor import FILE --ticks`" if what == "ticks" else
+           f"`fintensor download {names} --start {start} --end {end}"
+           f"{'' if what == '1d' else f' --interval {what}'}` or `fintensor import FILE`")
+    return MissingDataError(f"the store at {store.root} has no {what if what == 'ticks' else what + ' bars'} "
+                            f"for {', '.join(missing)}; get them with {how}")
+
+
+# ----------------------------------------------------------------------------------------- cache
+def _cache_path(store: Store, request: dict) -> Path:
+    key = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return store.root / "tensors" / f"{key}.safetensors"
+
+
+def _cached(store: Store, request: dict, cache: bool, make) -> StockTensor:
+    """Load the tensor built for ``request`` (which includes the store's checksums), or make and keep it."""
+    if not cache:
+        return make()
+    path = _cache_path(store, request)
+    if path.exists():
+        try:
+            st = load(path)
+            os.utime(path)  # recently used: pruned last
+            st.meta["cache"] = str(path)
+            return st
+        except (FintensorError, OSError):  # a damaged entry is rebuilt, never trusted
+            pass
+    st = make()
+    try:
+        st.save(path)
+        st.meta["cache"] = str(path)
+        _prune(path.parent, keep=path)
+    except OSError:  # a read-only store still builds; it just cannot remember
+        pass
+    return st
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Drop the least recently used cached tensors beyond $FINTENSOR_TENSOR_CACHE_MB (default 4096)."""
+    budget = float(os.environ.get("FINTENSOR_TENSOR_CACHE_MB", 4096)) * 2**20
+    entries = []
+    for p in folder.glob("*.safetensors"):
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # pruned by another process meanwhile
+            continue
+        entries.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in entries)
+    for _, size, p in sorted(entries, key=lambda e: e[0]):
+        if total <= budget:
+            break
+        if p != keep:
+            p.unlink(missing_ok=True)
+            total -= size
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ----------------------------------------------------------------------------------- daily build
+def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] = ("close",),
+          interval: str = "1d", store: Store | str | os.PathLike | None = None, calendar: str | None = None,
+          adjust: str = "full", fill=None, dtype: torch.dtype = torch.float32,
+          cache: bool = True) -> StockTensor:
+    """A (time, stock, feature) tensor of ``fields`` for ``symbols`` on the exchange's sessions [start, end].
+
+    ``calendar``: inferred from the symbols (XNYS for US, XSHG for A-shares); mixed exchanges need
+    'union' or one chosen calendar. ``adjust``: 'raw' | 'split' | 'full', derived from what each partition
+    holds (its adjustment, adj_close, split and dividend events); volume follows in split-adjusted shares.
+    ``fill``: None, 'ffill' or ('ffill', LIMIT): carry prices over missing sessions inside the stock's
+    listing (flows become 0); filled cells keep mask False. An intraday ``interval`` ('1m', '5m') gives a
+    time axis of UTC slot instants over the sessions (see ``build_ticks``).
+    """
+    syms = _symbol_list(symbols)
+    interval = parse_interval(interval)
+    intraday = interval_kind(interval) == "intraday"
+    if interval != "1d" and not intraday:
+        raise BadInputError(f"interval {interval!r} has no session calendar; build '1d' and resample")
+    if adjust not in ADJUSTMENTS:
+        raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(ADJUSTMENTS)}")
+    fill_spec = _parse_fill(fill)
+    tdtype = _torch_dtype(dtype)
+    lo, hi = _date(start, "start"), _date(end, "end")
+    if intraday:
+        if fill_spec is not None:
+            raise BadInputError("fill applies to daily builds; intraday 'price' is already carried within "
+                                "each day (use fields=['price', ...])")
+        return _build_intraday(syms, lo, hi, fields, interval, store, calendar, adjust, tdtype, cache)
+    fields = _field_list(fields, DAILY_FIELDS)
+    cal, own = _calendar_for(syms, calendar)
+    days = _sessions(cal, own, lo, hi)
+    store = _as_store(store)
+    manifests = {s: store.manifest(s, "1d") for s in syms}
+    missing = [s for s, m in manifests.items() if m is None]
+    if missing:
+        raise _missing_error(store, missing, "1d", lo, hi)
+    request = dict(kind="build", version=BUILD_VERSION, symbols=syms, start=str(days[0]), end=str(days[-1]),
+                   fields=fields, interval="1d", calendar=cal, adjust=adjust, fill=fill_spec,
+                   dtype=_dtype_name(tdtype), fingerprint=store.fingerprint(syms, "1d"))
+    read_days = days
+    if fill_spec is not None:  # a fill may carry a value from before the range: read that far back
+        limit = fill_spec[1]
+        first = min(m["start"][:10] for m in manifests.values()) if limit is None else \
+            lo - dt.timedelta(days=2 * limit + 14)
+        read_days = _sessions(cal, own, min(_date(first, "start"), lo), hi)
+    return _cached(store, request, cache,
+                   lambda: _build_daily(store, syms, manifests, read_days, fields, cal, adjust, fill_spec, tdtype,
+                                        request["fingerprint"], keep_from=len(read_days) - len(days)))
+
+
+def _build_daily(store, syms, manifests, days, fields, cal, adjust, fill_spec, tdtype, fingerprint,
+                 keep_from: int = 0):
+    T, N, F = len(days), len(syms), len(fields)
+    np_dtype = np.float64 if tdtype == torch.float64 else np.float32
+    values = np.full((T, N, F), np.nan, dtype=np_dtype)
+    day_ints = days.astype(np.int64)
+    notes: dict[str, str] = {}
+    off_calendar = {}
+    for j, sym in enumerate(syms):
+        cols, how, dropped = _symbol_columns(store, sym, manifests[sym], days, fields, adjust)
+        notes[sym] = how
+        if dropped:
+            off_calendar[sym] = dropped
+        pos, ok = cols.pop("_pos"), cols.pop("_ok")
+        p = pos[ok]
+        block = np.column_stack([cols[name][ok] for name in fields])
+        if len(p) and p[-1] - p[0] + 1 == len(p):  # no gaps: a slice writes faster than a scatter
+            values[p[0]:p[-1] + 1, j] = block
+        else:
+            values[p, j] = block
+    observed = ~np.isnan(values)
+    if fill_spec is not None:
+        spans = np.array([[np.datetime64(manifests[s]["start"][:10], "D").astype(np.int64),
+                           np.datetime64(manifests[s]["end"][:10], "D").astype(np.int64)] for s in syms])
+        _ffill(values, observed, fields, day_ints, spans, fill_spec[1])
+    if keep_from:
+        values, observed, days = values[keep_from:].copy(), observed[keep_from:].copy(), days[keep_from:]
+    sources = sorted({manifests[s]["source"] for s in syms})
+    meta: dict[str, Any] = dict(
+        source=sources[0] if len(sources) == 1 else sources, interval="1d", calendar=cal, adjustment=adjust,
+        adjusted_from=notes if len(set(notes.values())) > 1 else next(iter(notes.values())),
+        fill=None if fill_spec is None else {"method": "ffill", "limit": fill_spec[1]},
+        store=str(store.root), store_fingerprint=fingerprint,
+        store_checksums={s: manifests[s]["checksum"] for s in syms},
+    )
+    if off_calendar:
+        meta["off_calendar_rows"] = off_calendar  # rows dated on days the calendar has no session
+    return StockTensor(torch.from_numpy(values), ("time", "stock", "feature"),
+                       {"time": days, "stock": np.array(syms), "feature": np.array(fields)},
+                       torch.from_numpy(observed), meta)
+
+
+def _symbol_columns(store: Store, sym: str, manifest: dict, days: np.ndarray, fields: list[str],
+                    adjust: str) -> tuple[dict[str, np.ndarray], str, int]:
+    """One symbol's requested columns (float64, adjusted, NaN where not traded) and their session positions."""
+    stored = manifest["adjustment"]
+    convert = stored != adjust and any(f in PRICE_FIELDS or f == "volume" for f in fields)
+    need = set(fields) | {"trade_status"}
+    if convert:
+        need |= {"close", "adj_close", "split", "dividend"}
+    lo, hi = str(days[0]), str(days[-1])
+    # bounds only where the partition extends past them (rows outside are dropped below anyway; filtering
+    # costs a copy); adjustment factors run to the partition's end (adjusted "as of" its last row)
+    lo = lo if manifest["start"][:10] < lo else None
+    hi = hi if manifest["end"][:10] > hi and not convert else None
+    table = store.read_partition(sym, "1d", lo, hi, [c for c in DAILY_FIELDS if c in need])
+    dates = table.column("date").cast(pa.int32()).to_numpy().astype(np.int64)
+    cols = {name: table.column(name).to_numpy().astype(np.float64) for name in need}
+    how = "stored"
+    if convert and table.num_rows:
+        price_factor, volume_factor, how = _adjustment(sym, stored, adjust, cols, fields)
+        for f in fields:
+            if f in PRICE_FIELDS and price_factor is not None:
+                cols[f] = cols[f] * price_factor
+            elif f == "volume" and volume_factor is not None:
+                cols[f] = cols[f] * volume_factor
+    suspended = cols["trade_status"] == 0
+    for f in fields:
+        if f != "trade_status":
+            cols[f] = np.where(suspended, np.nan, cols[f])
+    day_ints = days.astype(np.int64)
+    in_range = dates <= day_ints[-1]
+    pos = np.minimum(np.searchsorted(day_ints, dates), len(day_ints) - 1)
+    ok = in_range & (day_ints[pos] == dates)
+    out = {f: cols[f] for f in fields}
+    out["_pos"], out["_ok"] = pos, ok
+    return out, how, int((in_range & ~ok).sum())
+
+
+def _after(x: np.ndarray) -> np.ndarray:
+    """prod of x over the rows strictly after each row (the factor that adjusts a row as of the last one)."""
+    rev = np.cumprod(x[::-1])[::-1]
+    return np.r_[rev[1:], 1.0] if len(x) else x
+
+
+def _adjustment(sym: str, stored: str, want: str, cols: dict, fields: list[str]):
+    """(price factor, volume factor, how) converting ``stored`` to ``want`` adjustment, or a clear error."""
+    close, adj_close = cols["close"], cols["adj_close"]
+    split, dividend = cols["split"], cols["dividend"]
+    has_adj = len(adj_close) > 0 and not np.isnan(adj_close).all()
+    has_split = len(split) > 0 and not np.isnan(split).any()
+    has_div = len(dividend) > 0 and not np.isnan(dividend).any()
+    holds = f"{stored}-adjusted prices" + "".join(
+        [" with adj_close" if has_adj else "", " with split events" if has_split else "",
+         " with dividend events" if has_div else ""])
+    wants_volume = "volume" in fields
+    wants_price = any(f in PRICE_FIELDS for f in fields)
+
+    def impossible(need: str):
+        return BadInputError(f"{sym}: the store holds {holds}; adjust={want!r} needs {need}. Build with "
+                             f"adjust={stored!r}, or import data that has it")
+
+    splits_after = _after(split) if has_split else None
+    price_factor = volume_factor = None
+    how = []
+    if stored == "full":
+        raise impossible("unadjusted or split-adjusted prices (a fully adjusted series cannot be undone)")
+    if want == "split" or want == "raw":  # between raw and split: split events only
+        if not has_split:
+            raise impossible("split events (the partition's 'split' column)")
+        factor = 1 / splits_after if want == "split" else splits_after
+        price_factor, volume_factor = factor, 1 / factor
+        how.append(f"{want} from {stored} + split events")
+    else:  # full from raw or split
+        if wants_price:
+            if has_adj:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    price_factor = np.where(close > 0, adj_close / close, np.nan)
+                how.append(f"full from {stored} x adj_close/close")
+            elif has_div and (stored == "split" or has_split):
+                prev_close = np.r_[np.nan, close[:-1]]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = np.where(dividend > 0, 1 - dividend / prev_close, 1.0)
+                price_factor = _after(np.nan_to_num(ratio, nan=1.0))
+                if stored == "raw":
+                    price_factor = price_factor / splits_after
+                how.append(f"full from {stored} + dividend{' and split' if stored == 'raw' else ''} events")
+            else:
+                raise impossible("adj_close, or dividend (and for raw prices split) events")
+        if wants_volume and stored == "raw":
+            if not has_split:
+                raise impossible("split events to express volume in split-adjusted shares")
+            volume_factor = splits_after
+            how.append("volume x split events")
+    return price_factor, volume_factor, "; ".join(how) or "stored"
+
+
+def _ffill(values: np.ndarray, observed: np.ndarray, fields: list[str], day_ints: np.ndarray,
+           spans: np.ndarray, limit: int | None) -> None:
+    """Carry each stock's last traded row over later missing sessions inside its listing, in place.
+
+    Uses only the past (no look-ahead); never before the first stored row or after the last
+    (listing/delisting); flows become 0; event fields stay NaN; mask stays False.
+    """
+    T = values.shape[0]
+    traded = observed.any(axis=2)                                   # (T, N) a row was observed
+    t = np.arange(T)[:, None]
+    last = np.maximum.accumulate(np.where(traded, t, -1), axis=0)   # last traded session so far
+    listed = (day_ints[:, None] >= spans[None, :, 0]) & (day_ints[:, None] <= spans[None, :, 1])
+    fillable = ~traded & listed & (last >= 0)
+    if limit is not None:
+        fillable &= (t - last) <= limit
+    ti, ni = np.nonzero(fillable)
+    src = last[ti, ni]
+    for f, name in enumerate(fields):
+        if name in FLOW_FIELDS:
+            values[ti, ni, f] = 0.0
+        elif name in PRICE_FIELDS or name == "adj_close":
+            values[ti, ni, f] = values[src, ni, f]
+
+
+# ----------------------------------------------------------------------------------- tick build
+def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
+                fields: str | Sequence[str] = ("price", "volume"), store: Store | str | os.PathLike | None = None,
+                calendar: str | None = None, interval: str | None = None, dtype: torch.dtype = torch.float32,
+                cache: bool = True) -> StockTensor:
+    """A (day, tick, stock, feature) tensor: each session cut into ``freq`` slots of continuous trading.
+
+    Slots cover calendars.segments (A-shares 09:30-11:30 and 13:00-15:00, lunch skipped; US 09:30-16:00).
+    A-shares: the 09:25 opening call auction folds into the first slot (as the vendors' 09:30 bar does) and
+    prints stamped after 11:30 or at 15:00 (closing auction) into the slot before; elsewhere records outside
+    the session are dropped. ``price`` is the last trade, carried forward within the day (never from the
+    day before); ``volume``/``amount``/``trades`` are sums (0 when nothing traded); open/high/low/close are
+    per slot (NaN when nothing traded); mask = the slot had a trade. ``interval``: 'tick' (Store.read_ticks),
+    '1m' (bars labelled by their start), or None: ticks when the store has them, else 1-minute bars.
+    """
+    syms = _symbol_list(symbols)
+    fields = _field_list(fields, TICK_FIELDS)
+    freq_s = _freq_seconds(freq)
+    tdtype = _torch_dtype(dtype)
+    lo, hi = _date(start, "start"), _date(end, "end")
+    cal, own = _calendar_for(syms, calendar, allow_union=False)
+    days = _sessions(cal, own, lo, hi)
+    segs = _calendars.segments(cal, days)                              # (D, S, 2) UTC ns
+    n_slots = _check_freq(segs, freq_s, freq, cal)
+    store = _as_store(store)
+    source = _tick_source(store, syms, days, interval, freq_s)
+    fingerprint = (store.tick_fingerprint(syms, days[0], days[-1]) if source == "tick"
+                   else store.fingerprint(syms, source))
+    request = dict(kind="build_ticks", version=BUILD_VERSION, symbols=syms, start=str(days[0]),
+                   end=str(days[-1]), freq=freq_s, fields=fields, calendar=cal, interval=source,
+                   dtype=_dtype_name(tdtype), fingerprint=fingerprint)
+    return _cached(store, request, cache,
+                   lambda: _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, tdtype,
+                                        fingerprint))
+
+
+def _freq_seconds(freq) -> int:
+    import pandas as pd
+
+    try:
+        td = pd.Timedelta(freq)
+    except (ValueError, TypeError):
+        raise BadInputError(f"cannot read freq {freq!r}; write it like '3s', '1min' or '5min'") from None
+    secs = td.total_seconds()
+    if secs <= 0 or secs != int(secs):
+        raise BadInputError(f"freq {freq!r} must be a positive whole number of seconds")
+    return int(secs)
+
+
+def _check_freq(segs: np.ndarray, freq_s: int, freq, cal: str) -> np.ndarray:
+    """Slots per day; a freq that does not divide every continuous segment is an error."""
+    lengths = (segs[:, :, 1] - segs[:, :, 0]) // _NS
+    bad = lengths % freq_s != 0
+    if bad.any():
+        n = int(lengths[bad][0])
+        divisors = [d for d in (1, 3, 5, 10, 15, 30, 60, 180, 300, 600, 900, 1800) if all(lengths.ravel() % d == 0)]
+        raise BadInputError(
+            f"freq {freq!r} does not divide the {cal} continuous session segment of {n // 3600}h{n % 3600 // 60:02d}m "
+            f"({n} s); use one that does, e.g. " + ", ".join(f"{d}s" if d < 60 else f"{d // 60}min"
+                                                           for d in divisors[:8]))
+    return lengths.sum(axis=1) // freq_s
+
+
+def _tick_source(store: Store, syms: list[str], days: np.ndarray, interval: str | None, freq_s: int) -> str:
+    """'tick' or a bar interval, checked against what the store holds."""
+    lo, hi = str(days[0]), str(days[-1])
+
+    def has_ticks(s: str) -> bool:
+        base = store.partition_dir(s, kind="ticks")
+        return base.exists() and any(lo <= p.name[5:] <= hi for p in base.glob("date=*"))
+
+    if interval is None:
+        if all(has_ticks(s) for s in syms):
+            return "tick"
+        if all(store.manifest(s, "1m") is not None for s in syms):
+            interval = "1m"
+        else:
+            lacking = [s for s in syms if not has_ticks(s)]
+            raise MissingDataError(
+                f"the store at {store.root} has neither ticks ({lo}..{hi}) nor 1m bars for "
+                f"{', '.join(lacking)}; import them with `fintensor import FILE --ticks` (or 1-minute bars "
+                f"with `fintensor import FILE --interval 1m`)")
+    if interval in ("tick", "ticks"):
+        lacking = [s for s in syms if not has_ticks(s)]
+        if lacking:
+            raise _missing_error(store, lacking, "ticks", lo, hi)
+        return "tick"
+    iv = parse_interval(interval)
+    if interval_kind(iv) != "intraday":
+        raise BadInputError(f"interval {interval!r} is not intraday; use 'tick', '1m', '5m', ...")
+    bar_s = _freq_seconds(iv.replace("m", "min"))
+    if freq_s % bar_s:
+        raise BadInputError(f"freq {freq_s}s is not a multiple of the {iv} bars it is built from; use a "
+                            f"multiple of {bar_s}s, or ticks for finer slots")
+    lacking = [s for s in syms if store.manifest(s, iv) is None]
+    if lacking:
+        raise _missing_error(store, lacking, iv, lo, hi)
+    return iv
+
+
+def _slot_of(times: np.ndarray, day_idx: np.ndarray, segs: np.ndarray, freq_ns: int, fold: bool) -> np.ndarray:
+    """Slot number of each record (-1 = outside the session and dropped). Slots count trading time.
+
+    One binary search over every segment edge of every day: an even hit is inside a segment, an odd one
+    in the gap after it (lunch, after the close) and -1 before the first.
+    """
+    S = segs.shape[1]
+    edges = segs.reshape(-1)                                          # lo, hi, lo, hi, ... ascending
+    lengths = (segs[:, :, 1] - segs[:, :, 0]).reshape(-1)
+    before = np.cumsum(lengths.reshape(-1, S), axis=1).reshape(-1) - lengths   # trading time before, same day
+    k = np.searchsorted(edges, times, side="right") - 1
+    g = np.maximum(k, 0) // 2                                         # the segment at or before the record
+    own = (k >= 0) & (g // S == day_idx)                              # ... and it is in the record's session
+    offset = np.where(own & (k % 2 == 0), before[g] + times - edges[2 * g], -1)
+    if fold:
+        offset = np.where(own & (k % 2 == 1), before[g] + lengths[g] - 1, offset)   # late prints: last instant
+        offset = np.where((k < 0) | (g // S < day_idx), 0, offset)                   # opening call auction
+    return np.where(offset >= 0, offset // freq_ns, -1)
+
+
+#: per output field, the record columns it aggregates
+_TICK_INPUTS = {"price": "close", "close": "close", "open": "open", "high": "high", "low": "low",
+                "volume": "volume", "amount": "amount", "trades": None}
+
+
+def _records(store: Store, sym: str, days: np.ndarray, source: str, needs: set[str]) -> dict[str, np.ndarray]:
+    """time (ns), local date (days) and the ``needs`` among open/high/low/close/volume/amount, time-sorted.
+
+    Ticks: each trade's price is its open, high, low and close; amount falls back to price x volume.
+    Bars: a missing open/high/low (vendors with one price per minute) falls back to the close.
+    """
+    lo, hi = str(days[0]), str(days[-1])
+    num = lambda t, c: t.column(c).to_numpy().astype(np.float64)  # noqa: E731 (nulls become NaN)
+    if source == "tick":
+        cols = (["price"] if needs - {"volume"} else []) + (["volume"] if needs & {"volume", "amount"} else []) \
+            + (["amount"] if "amount" in needs else [])
+        t = store.read_ticks(sym, lo, hi, columns=cols or ["price"])
+        rec = {n: num(t, "price") for n in needs & {"open", "high", "low", "close"}}
+        if needs & {"volume", "amount"}:
+            rec["volume"] = np.nan_to_num(num(t, "volume"))
+        if "amount" in needs:
+            amount = num(t, "amount")
+            rec["amount"] = np.where(np.isnan(amount), num(t, "price") * rec["volume"], amount)
+    else:
+        prices = needs & {"open", "high", "low", "close"}
+        cols = sorted(prices | ({"close"} if prices else set()) | (needs & {"volume", "amount"}))
+        t = store.read_partition(sym, source, lo, hi, cols or ["close"])
+        rec = {n: num(t, n) for n in cols}
+        for n in prices - {"close"}:
+            rec[n] = np.where(np.isnan(rec[n]), rec["close"], rec[n])
+        if "volume" in rec:
+            rec["volume"] = np.nan_to_num(rec["volume"])
+    rec["time"] = t.column("time").cast(pa.int64()).to_numpy()
+    rec["date"] = t.column("date").cast(pa.int32()).to_numpy().astype(np.int64)
+    return rec
+
+
+def _aggregate(rec: dict[str, np.ndarray], starts: np.ndarray, n: int, field: str) -> np.ndarray:
+    """One field per slot from time-sorted records whose slots begin at ``starts``."""
+    if field == "trades":
+        return np.diff(np.r_[starts, n]).astype(np.float64)
+    x = rec[_TICK_INPUTS[field]]
+    if field in ("price", "close"):
+        return x[np.r_[starts[1:], n] - 1]                            # the last record of each slot
+    if field == "open":
+        return x[starts]
+    ufunc = {"high": np.maximum, "low": np.minimum}.get(field, np.add)
+    return ufunc.reduceat(x, starts)
+
+
+def _source_name(store: Store, sym: str, source: str) -> str:
+    """The vendor recorded in a partition's manifest (any one tick day's for ticks)."""
+    if source != "tick":
+        return (store.manifest(sym, source) or {}).get("source", "?")
+    first = next(iter(sorted(store.partition_dir(sym, kind="ticks").glob("date=*/_manifest.json"))), None)
+    return json.loads(first.read_bytes()).get("source", "?") if first else "?"
+
+
+def _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, tdtype, fingerprint):
+    D, K, N, F = len(days), int(n_slots.max()), len(syms), len(fields)
+    freq_ns = freq_s * _NS
+    np_dtype = np.float64 if tdtype == torch.float64 else np.float32
+    values = np.full((D * K, N, F), np.nan, dtype=np_dtype)
+    traded = np.zeros((D * K, N), dtype=bool)
+    day_ints = days.astype(np.int64)
+    fold = cal in FOLD_CALENDARS
+    dropped = {}
+    needs = {_TICK_INPUTS[f] for f in fields} - {None}
+    for j, sym in enumerate(syms):
+        rec = _records(store, sym, days, source, needs)
+        d = np.searchsorted(day_ints, rec["date"])
+        ok = (d < D) & (day_ints[np.minimum(d, D - 1)] == rec["date"])
+        slot = np.full(len(d), -1, dtype=np.int64)
+        slot[ok] = _slot_of(rec["time"][ok], d[ok], segs, freq_ns, fold)
+        keep = slot >= 0
+        if not keep.all():
+            dropped[sym] = int((~keep).sum())
+        flat = (d * K + slot)[keep]
+        if not len(flat):
+            continue
+        rec = {n: v[keep] for n, v in rec.items() if n in needs}
+        if (np.diff(flat) < 0).any():                                 # records come time-sorted; be sure
+            order = np.argsort(flat, kind="stable")
+            flat, rec = flat[order], {n: v[order] for n, v in rec.items()}
+        starts = np.r_[0, np.nonzero(np.diff(flat))[0] + 1]
+        cells = flat[starts]
+        for f, name in enumerate(fields):
+            values[cells, j, f] = _aggregate(rec, starts, len(flat), name)
+        traded[cells, j] = True
+    values = values.reshape(D, K, N, F)
+    traded = traded.reshape(D, K, N)
+    for f, name in enumerate(fields):
+        v = values[..., f]
+        if name == "price":  # the last trade so far today: carried within the day, never from the day before
+            last = np.where(traded, np.arange(K, dtype=np.int32)[None, :, None], np.int32(-1))
+            np.maximum.accumulate(last, axis=1, out=last)
+            carried = np.take_along_axis(v, np.maximum(last, 0), axis=1)
+            carried[last < 0] = np.nan
+            v[...] = carried
+        elif name in ("volume", "amount", "trades"):
+            v[~traded] = 0.0
+    closed = np.arange(K)[None, :] >= n_slots[:, None]               # slots after an early close
+    if closed.any():
+        values[closed] = np.nan
+    mask = np.broadcast_to(traded[..., None], values.shape).copy()
+    sources = sorted({_source_name(store, s, source) for s in syms})
+    meta: dict[str, Any] = dict(
+        source=sources[0] if len(sources) == 1 else sources, interval=source, freq=f"{freq_s}s", calendar=cal,
+        adjustment="raw" if source == "tick" else (store.manifest(syms[0], source) or {}).get("adjustment"),
+        auction="folded into the first slot; late prints into the slot before" if fold
+        else "records outside the regular session dropped",
+        store=str(store.root), store_fingerprint=fingerprint, slots_per_day=n_slots.tolist(),
+    )
+    if dropped:
+        meta["dropped_records"] = dropped
+    ticks = (np.arange(K) * freq_s).astype("timedelta64[s]")
+    return StockTensor(torch.from_numpy(values), ("day", "tick", "stock", "feature"),
+                       {"day": days, "tick": ticks, "stock": np.array(syms), "feature": np.array(fields)},
+                       torch.from_numpy(mask), meta)
+
+
+# ------------------------------------------------------------------------------- intraday build
+def _build_intraday(syms, lo, hi, fields, interval, store, calendar, adjust, tdtype, cache) -> StockTensor:
+    """Intraday bars on a (time, stock, feature) axis of UTC slot instants: the 4D slots, flattened."""
+    fields = _field_list(fields, TICK_FIELDS)
+    store_ = _as_store(store)
+    stored = {(store_.manifest(s, interval) or {}).get("adjustment") for s in syms} - {None}
+    if stored and adjust not in stored:
+        raise BadInputError(f"the {interval} bars are stored {'/'.join(sorted(stored))}-adjusted; intraday "
+                            f"builds use them as stored: pass adjust={sorted(stored)[0]!r}")
+    freq = interval.replace("m", "min")
+    t4 = build_ticks(syms, lo, hi, freq=freq, fields=fields, store=store_, calendar=calendar,
+                     interval=interval, dtype=tdtype, cache=cache)
+    D, K, N, F = t4.shape
+    segs = _calendars.segments(t4.meta["calendar"], t4.coords["day"])
+    freq_ns = _freq_seconds(freq) * _NS
+    instants = _slot_instants(segs, K, freq_ns)                      # (D, K), -1 beyond an early close
+    keep = instants.ravel() >= 0
+    values = t4.values.reshape(D * K, N, F)[torch.from_numpy(keep)]
+    mask = t4.mask.reshape(D * K, N, F)[torch.from_numpy(keep)]
+    meta = dict(t4.meta, adjustment=adjust)
+    return StockTensor(values, ("time", "stock", "feature"),
+                       {"time": instants.ravel()[keep].astype("datetime64[ns]"), "stock": t4.coords["stock"],
+                        "feature": t4.coords["feature"]}, mask, meta)
+
+
+def _slot_instants(segs: np.ndarray, K: int, freq_ns: int) -> np.ndarray:
+    """UTC ns of each slot's start, (D, K); -1 for slots after the day's close."""
+    lengths = segs[:, :, 1] - segs[:, :, 0]
+    before = np.cumsum(lengths, axis=1) - lengths
+    offset = np.arange(K)[None, :] * freq_ns
+    out = np.full((segs.shape[0], K), -1, dtype=np.int64)
+    for s in range(segs.shape[1]):
+        inside = (offset >= before[:, s:s + 1]) & (offset < before[:, s:s + 1] + lengths[:, s:s + 1])
+        out = np.where(inside, segs[:, s:s + 1, 0] + offset - before[:, s:s + 1], out)
+    return out
