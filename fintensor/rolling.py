@@ -1,0 +1,1384 @@
+"""Rolling statistics over time: fast, exact and pandas-compatible.
+
+``ft.rolling.mean(x, 20)`` and friends take a numpy array, a torch tensor or a StockTensor of 1 to 4
+dimensions and roll along time (a StockTensor's ``time`` dim -- or ``tick`` -- else axis 0). The
+output has the input's type, shape and float dtype; a StockTensor comes back with
+``mask = result observed``. Semantics follow pandas exactly: ``window``, ``min_periods`` (default:
+the window), NaN skipped and counted as missing, NaN out where fewer than ``min_periods`` values are
+valid.
+
+How it is fast and exact (details at each kernel):
+
+* Every input becomes a C-ordered ``(T, M)`` panel (a ``(T, S, F)`` tensor is a ``(T, S*F)`` view).
+  Kernels walk time row by row and advance a block of adjacent columns at once (SIMD across
+  columns); threads (``numba.set_num_threads``) take disjoint column ranges, so results do not
+  depend on their number.
+* Windowed sums, moments and extremes use the van Herk / Gil-Werman block scheme: time is cut
+  into blocks of ``window`` rows, so every window is a suffix of one block plus a prefix of the
+  next. Prefix statistics are accumulated going forward, suffix statistics in one backward pass
+  per block. Nothing is ever subtracted out of a running sum, so a spike leaves no residue, and
+  sums of squares are taken around a pivot value inside the window, so a price of 1e6 moving by
+  1e-3 keeps its digits. It is as exact as recomputing every window, and O(T).
+* Kernels accumulate in float64 and are compiled (and cached on disk) only for 2-D C-contiguous
+  float32 and float64 panels.
+
+A CUDA tensor is computed with torch ops on its device (``engine="torch"`` forces that path
+anywhere; it agrees with the numba kernels).
+"""
+from __future__ import annotations
+
+import builtins
+import hashlib
+import math
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numba
+import numpy as np
+import torch
+from filelock import FileLock
+from numba import njit
+
+from .errors import BadInputError
+
+__all__ = [
+    "sum", "mean", "count", "var", "std", "zscore", "min", "max", "argmin", "argmax", "median",
+    "quantile", "rank", "ewm_mean", "ewm_var", "ewm_std", "cov", "corr", "beta", "returns", "diff",
+    "shift", "cs_rank", "cs_zscore",
+]
+
+# error_model="numpy": float division by zero gives inf/NaN instead of raising. No fastmath: the
+# kernels test x == x to find NaN, which fastmath's no-NaN assumption would fold away.
+_JIT = dict(cache=True, nogil=True, error_model="numpy")
+_NAN = np.nan
+_imin, _imax = builtins.min, builtins.max  # the module defines its own min / max
+_BLOCK = 512  # columns advanced together: SIMD across columns, scratch of (window + 1) x _BLOCK per stat
+
+# kernel modes (small ints, so that one compiled kernel serves a family of statistics)
+_SUM, _MEAN, _COUNT, _VAR, _STD, _ZSCORE = range(6)
+_COV, _CORR, _BETA, _RESID, _RSQUARE = range(5)
+_QUANTILE, _MEDIAN, _RANK = range(3)
+_RANK_METHODS = {"average": 0, "min": 1, "max": 2}
+_SHIFT, _DIFF, _PCT, _LOGRET = range(4)
+
+
+# ============================================================================ block-scheme kernels
+# Every block kernel has the same layout. It handles columns [first, stop) (``_run`` gives each thread
+# its range) in blocks of _BLOCK adjacent columns. Time is cut into blocks of ``window`` rows: a
+# forward pass over a time block accumulates prefix statistics and combines them with the suffix
+# statistics of the previous block, stored by start offset (scratch row ``window`` is the empty
+# suffix); a backward pass over the finished block stores its suffix statistics for the next one.
+# Inner loops run over the columns of one row (row views, so that they vectorise) and pick the
+# statistic with selects, not branches.
+@njit(**_JIT)
+def _pivots(y, x, x_step, c0, py, px, first, stop, step):
+    """Per column of y (from ``c0``), the first valid (y, x) pair met walking rows first, first +
+    step, ... before ``stop``: the pivots of a block's prefix (forward) or suffix (backward) sums.
+    A pivot is a value inside every window that uses those sums. NaN where there is none."""
+    n = py.shape[0]
+    py[:] = _NAN
+    px[:] = _NAN
+    missing = n
+    t = first
+    while missing > 0 and t != stop:
+        yr = y[t, c0:c0 + n]
+        missing = 0
+        for j in range(n):
+            vy = np.float64(yr[j])
+            vx = np.float64(x[t, (c0 + j) * x_step])
+            if py[j] != py[j] and vy == vy and vx == vx:
+                py[j] = vy
+                px[j] = vx
+            missing += py[j] != py[j]
+        t += step
+
+
+@njit(**_JIT)
+def _sums_kernel(x, out, window, min_periods, what, first, stop):
+    """sum / mean / count over a moving window: block prefix + suffix sums, nothing subtracted."""
+    T = x.shape[0]
+    w = window
+    for c0 in range(first, stop, _BLOCK):
+        n = _imin(_BLOCK, stop - c0)
+        s_sum = np.zeros((w + 1, n))
+        s_cnt = np.zeros((w + 1, n))
+        p_sum = np.empty(n)
+        p_cnt = np.empty(n)
+        for tb in range(0, T, w):
+            te = _imin(tb + w, T)
+            p_sum[:] = 0.0
+            p_cnt[:] = 0.0
+            for t in range(tb, te):
+                xr = x[t, c0:c0 + n]
+                row = out[t, c0:c0 + n]
+                ss = s_sum[t - tb + 1]  # suffix from t - w + 1 (offset t - tb + 1 in the previous block)
+                sc = s_cnt[t - tb + 1]
+                size = float(_imin(t + 1, w))  # rows in the window, valid or not
+                for j in range(n):
+                    v = np.float64(xr[j])
+                    ok = v == v
+                    p_sum[j] += v if ok else 0.0
+                    p_cnt[j] += 1.0 if ok else 0.0
+                    c = p_cnt[j] + sc[j]
+                    total = p_sum[j] + ss[j]
+                    if what == _COUNT:  # pandas: min_periods counts the window's rows here
+                        row[j] = c if size >= min_periods else _NAN
+                    else:
+                        res = total if what == _SUM else total / c
+                        row[j] = res if (c >= min_periods) & ((c > 0.0) | (what == _SUM)) else _NAN
+            if te - tb == w and te < T:
+                for r in range(w - 1, -1, -1):
+                    xr = x[tb + r, c0:c0 + n]
+                    s0, s1, c_0, c_1 = s_sum[r], s_sum[r + 1], s_cnt[r], s_cnt[r + 1]
+                    for j in range(n):
+                        v = np.float64(xr[j])
+                        ok = v == v
+                        s0[j] = s1[j] + (v if ok else 0.0)
+                        c_0[j] = c_1[j] + (1.0 if ok else 0.0)
+
+
+@njit(**_JIT)
+def _finish_moments(what, row, cnt, m2, zdev, min_periods, ddof):
+    """var / std / zscore of one row from each window's count, c^2 x biased variance and
+    c x (value - mean): one loop per statistic, so that only its divisions and roots are paid."""
+    n = row.shape[0]
+    if what == _VAR:
+        for j in range(n):
+            c = cnt[j]
+            row[j] = m2[j] / (c * (c - ddof)) if (c >= min_periods) & (c > ddof) else _NAN
+    elif what == _STD:
+        for j in range(n):
+            c = cnt[j]
+            row[j] = math.sqrt(m2[j] / (c * (c - ddof))) if (c >= min_periods) & (c > ddof) else _NAN
+    else:
+        for j in range(n):
+            c = cnt[j]
+            sd = math.sqrt(m2[j] / (c * (c - ddof)))
+            ok = (c >= min_periods) & (c > ddof) & (sd > 0.0)
+            row[j] = zdev[j] / (c * sd) if ok else _NAN
+
+
+@njit(**_JIT)
+def _moments_kernel(x, out, window, min_periods, ddof, what, first, stop):
+    """var / std / zscore over a moving window, from sums of deviations from a pivot.
+
+    Prefix and suffix keep (count, sum of deviations, sum of squared deviations) around their own
+    pivot, the first valid value they saw (a value inside every window that uses them); the
+    suffix's sums are moved to the prefix's pivot before they are added. With deviations instead
+    of raw values nothing large cancels: var = (Q - D^2/n) / (n - ddof) loses no digits to the
+    level of the prices.
+    """
+    T = x.shape[0]
+    w = window
+    for c0 in range(first, stop, _BLOCK):
+        n = _imin(_BLOCK, stop - c0)
+        s_cnt = np.zeros((w + 1, n))
+        s_dev = np.zeros((w + 1, n))
+        s_sq = np.zeros((w + 1, n))
+        s_piv = np.full(n, _NAN)
+        p_cnt = np.empty(n)
+        p_dev = np.empty(n)
+        p_sq = np.empty(n)
+        p_piv = np.empty(n)
+        cnt = np.empty(n)  # the current row's windows
+        m2 = np.empty(n)
+        zdev = np.empty(n)
+        for tb in range(0, T, w):
+            te = _imin(tb + w, T)
+            p_cnt[:] = 0.0
+            p_dev[:] = 0.0
+            p_sq[:] = 0.0
+            _pivots(x, x, 1, c0, p_piv, p_piv, tb, te, 1)
+            for t in range(tb, te):
+                xr = x[t, c0:c0 + n]
+                row = out[t, c0:c0 + n]
+                r = t - tb + 1
+                sc, sd, sq = s_cnt[r], s_dev[r], s_sq[r]
+                for j in range(n):
+                    v = np.float64(xr[j])
+                    ok = v == v
+                    piv = p_piv[j]
+                    dev = v - piv if ok else 0.0
+                    p_cnt[j] += 1.0 if ok else 0.0
+                    p_dev[j] += dev
+                    p_sq[j] += dev * dev
+                    k = sc[j]
+                    shift = s_piv[j] - piv if (k > 0.0) & (p_cnt[j] > 0.0) else 0.0
+                    c = p_cnt[j] + k
+                    dsum = p_dev[j] + sd[j] + k * shift
+                    qsum = p_sq[j] + sq[j] + shift * (2.0 * sd[j] + k * shift)
+                    cnt[j] = c
+                    m2[j] = _imax(qsum * c - dsum * dsum, 0.0)  # c^2 x the biased variance
+                    zdev[j] = dev * c - dsum if ok else _NAN  # c x (value - window mean)
+                _finish_moments(what, row, cnt, m2, zdev, min_periods, ddof)
+            if te - tb == w and te < T:
+                _pivots(x, x, 1, c0, s_piv, s_piv, te - 1, tb - 1, -1)
+                for r in range(w - 1, -1, -1):
+                    xr = x[tb + r, c0:c0 + n]
+                    c_0, c_1, d0, d1, q0, q1 = s_cnt[r], s_cnt[r + 1], s_dev[r], s_dev[r + 1], s_sq[r], s_sq[r + 1]
+                    for j in range(n):
+                        v = np.float64(xr[j])
+                        ok = v == v
+                        dev = v - s_piv[j] if ok else 0.0
+                        c_0[j] = c_1[j] + (1.0 if ok else 0.0)
+                        d0[j] = d1[j] + dev
+                        q0[j] = q1[j] + dev * dev
+
+
+@njit(**_JIT)
+def _extremes_kernel(x, out, window, min_periods, sign, want_index, first, stop):
+    """Moving max (sign=1) or min (sign=-1) -- or its position in the window, the oldest winning
+    ties like np.argmax -- from van Herk / Gil-Werman prefix and suffix extremes. An empty
+    extreme is NaN; np.fmax skips NaN; positions move with arithmetic blends (exact for integers),
+    which keeps the loops free of masked stores."""
+    T = x.shape[0]
+    w = window
+    for c0 in range(first, stop, _BLOCK):
+        n = _imin(_BLOCK, stop - c0)
+        s_cnt = np.zeros((w + 1, n))
+        s_top = np.full((w + 1, n), _NAN)
+        s_at = np.zeros((w + 1, n))
+        p_cnt = np.empty(n)
+        p_top = np.empty(n)
+        p_at = np.empty(n)
+        for tb in range(0, T, w):
+            te = _imin(tb + w, T)
+            p_cnt[:] = 0.0
+            p_top[:] = _NAN
+            p_at[:] = 0.0
+            for t in range(tb, te):
+                xr = x[t, c0:c0 + n]
+                row = out[t, c0:c0 + n]
+                r = t - tb + 1
+                sc, st, sa = s_cnt[r], s_top[r], s_at[r]
+                start = float(_imax(t - w + 1, 0))
+                now = float(t)
+                if want_index:
+                    for j in range(n):
+                        v = sign * np.float64(xr[j])
+                        top = p_top[j]
+                        newer = (v > top) | ((top != top) & (v == v))
+                        p_cnt[j] += 1.0 if v == v else 0.0
+                        p_top[j] = top = np.fmax(top, v)
+                        p_at[j] = at = p_at[j] + (now - p_at[j]) * newer
+                        older = (st[j] >= top) | (top != top)  # the suffix is the older part
+                        c = p_cnt[j] + sc[j]
+                        res = at + (sa[j] - at) * older - start
+                        row[j] = res if (c >= min_periods) & (c > 0.0) else _NAN
+                else:
+                    for j in range(n):
+                        v = sign * np.float64(xr[j])
+                        p_cnt[j] += 1.0 if v == v else 0.0
+                        p_top[j] = top = np.fmax(p_top[j], v)
+                        c = p_cnt[j] + sc[j]
+                        res = sign * np.fmax(st[j], top)
+                        row[j] = res if (c >= min_periods) & (c > 0.0) else _NAN
+            if te - tb == w and te < T:
+                for r in range(w - 1, -1, -1):
+                    xr = x[tb + r, c0:c0 + n]
+                    c_0, c_1, t0, t1, a0, a1 = s_cnt[r], s_cnt[r + 1], s_top[r], s_top[r + 1], s_at[r], s_at[r + 1]
+                    at = float(tb + r)
+                    for j in range(n):
+                        v = sign * np.float64(xr[j])
+                        c_0[j] = c_1[j] + (1.0 if v == v else 0.0)
+                        t0[j] = np.fmax(t1[j], v)
+                    if want_index:
+                        for j in range(n):
+                            v = sign * np.float64(xr[j])
+                            older = (v >= t1[j]) | ((t1[j] != t1[j]) & (v == v))
+                            a0[j] = a1[j] + (at - a1[j]) * older
+
+
+@njit(**_JIT)
+def _comoments_kernel(y, x, out, window, min_periods, ddof, what, x_step, first, stop):
+    """cov / corr / beta / regression residual / r-squared of y on x over a moving window, on the
+    pairs where both are valid: ``_moments_kernel`` with two series and their cross products.
+    ``x`` has one column per column of ``y`` (``x_step=1``) or one column for all (a market
+    series, ``x_step=0``)."""
+    T = y.shape[0]
+    w = window
+    for c0 in range(first, stop, _BLOCK):
+        n = _imin(_BLOCK, stop - c0)
+        s_cnt = np.zeros((w + 1, n))
+        s_dx = np.zeros((w + 1, n))
+        s_dy = np.zeros((w + 1, n))
+        s_xx = np.zeros((w + 1, n))
+        s_yy = np.zeros((w + 1, n))
+        s_xy = np.zeros((w + 1, n))
+        s_px = np.full(n, _NAN)
+        s_py = np.full(n, _NAN)
+        p_cnt = np.empty(n)
+        p_dx = np.empty(n)
+        p_dy = np.empty(n)
+        p_xx = np.empty(n)
+        p_yy = np.empty(n)
+        p_xy = np.empty(n)
+        p_px = np.empty(n)
+        p_py = np.empty(n)
+        xs = np.empty(n)  # the x values of one row (the market column repeated when x_step=0)
+        for tb in range(0, T, w):
+            te = _imin(tb + w, T)
+            p_cnt[:] = 0.0
+            p_dx[:] = 0.0
+            p_dy[:] = 0.0
+            p_xx[:] = 0.0
+            p_yy[:] = 0.0
+            p_xy[:] = 0.0
+            _pivots(y, x, x_step, c0, p_py, p_px, tb, te, 1)
+            for t in range(tb, te):
+                yr = y[t, c0:c0 + n]
+                row = out[t, c0:c0 + n]
+                for j in range(n):
+                    xs[j] = x[t, (c0 + j) * x_step]
+                r = t - tb + 1
+                sc, sdx, sdy, sxx, syy, sxy = s_cnt[r], s_dx[r], s_dy[r], s_xx[r], s_yy[r], s_xy[r]
+                for j in range(n):
+                    vy = np.float64(yr[j])
+                    vx = xs[j]
+                    ok = (vy == vy) & (vx == vx)
+                    px = p_px[j]
+                    py = p_py[j]
+                    ex = vx - px if ok else 0.0
+                    ey = vy - py if ok else 0.0
+                    p_cnt[j] += 1.0 if ok else 0.0
+                    p_dx[j] += ex
+                    p_dy[j] += ey
+                    p_xx[j] += ex * ex
+                    p_yy[j] += ey * ey
+                    p_xy[j] += ex * ey
+                    k = sc[j]
+                    both = (k > 0.0) & (p_cnt[j] > 0.0)
+                    hx = s_px[j] - px if both else 0.0
+                    hy = s_py[j] - py if both else 0.0
+                    c = p_cnt[j] + k
+                    dx = p_dx[j] + sdx[j] + k * hx
+                    dy = p_dy[j] + sdy[j] + k * hy
+                    cxx = _imax(p_xx[j] + sxx[j] + hx * (2.0 * sdx[j] + k * hx) - dx * (dx / c), 0.0)
+                    cyy = _imax(p_yy[j] + syy[j] + hy * (2.0 * sdy[j] + k * hy) - dy * (dy / c), 0.0)
+                    cxy = p_xy[j] + sxy[j] + hx * sdy[j] + hy * sdx[j] + k * hx * hy - dx * (dy / c)
+                    if what == _COV:
+                        res = cxy / (c - ddof) if c > ddof else _NAN
+                    elif what == _BETA:
+                        res = cxy / cxx if cxx > 0.0 else _NAN
+                    elif what == _RESID:
+                        res = (ey - dy / c) - cxy / cxx * (ex - dx / c) if ok & (cxx > 0.0) else _NAN
+                    else:
+                        rho = cxy / math.sqrt(cxx * cyy) if (cxx > 0.0) & (cyy > 0.0) else _NAN
+                        res = rho if what == _CORR else rho * rho
+                    row[j] = res if (c >= min_periods) & (c > 0.0) else _NAN
+            if te - tb == w and te < T:
+                _pivots(y, x, x_step, c0, s_py, s_px, te - 1, tb - 1, -1)
+                for r in range(w - 1, -1, -1):
+                    yr = y[tb + r, c0:c0 + n]
+                    for j in range(n):
+                        xs[j] = x[tb + r, (c0 + j) * x_step]
+                    for j in range(n):
+                        vy = np.float64(yr[j])
+                        vx = xs[j]
+                        ok = (vy == vy) & (vx == vx)
+                        ex = vx - s_px[j] if ok else 0.0
+                        ey = vy - s_py[j] if ok else 0.0
+                        s_cnt[r, j] = s_cnt[r + 1, j] + (1.0 if ok else 0.0)
+                        s_dx[r, j] = s_dx[r + 1, j] + ex
+                        s_dy[r, j] = s_dy[r + 1, j] + ey
+                        s_xx[r, j] = s_xx[r + 1, j] + ex * ex
+                        s_yy[r, j] = s_yy[r + 1, j] + ey * ey
+                        s_xy[r, j] = s_xy[r + 1, j] + ex * ey
+
+
+# =================================================================== order statistics in a window
+@njit(inline="always")
+def _bisect(a, lo, hi, v, right):
+    """Insertion point of v in the sorted a[lo:hi] (after equal values when ``right``)."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] < v or (right and a[mid] == v):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(**_JIT)
+def _order_kernel(x, out, window, min_periods, whats, qs, method, ascending, pct, first, stop):
+    """quantile (linear interpolation) / median / rank of the current value, like pandas, from a
+    sorted copy of each column's valid window values: each step slides the new value from the
+    leaving value's slot to its place (O(distance) moves, no allocation). ``out[k]`` gets
+    statistic ``whats[k]`` (quantile ``qs[k]``): several from one pass over the sorted windows."""
+    T = x.shape[0]
+    w = window
+    for c0 in range(first, stop, _BLOCK):
+        n = _imin(_BLOCK, stop - c0)
+        buf = np.empty(n * w)  # column j's sorted values: buf[j * w : j * w + cnt[j]]
+        cnt = np.zeros(n, dtype=np.int64)
+        for t in range(T):
+            xr = x[t, c0:c0 + n]
+            xo = x[_imax(t - w, 0), c0:c0 + n]
+            for j in range(n):
+                base = j * w
+                k = cnt[j]
+                v = np.float64(xr[j])
+                old = np.float64(xo[j]) if t >= w else _NAN
+                if old == old and v == v:  # replace: slide the new value from the old one's place
+                    i = _bisect(buf, base, base + k, old, False)
+                    while i + 1 < base + k and buf[i + 1] < v:
+                        buf[i] = buf[i + 1]
+                        i += 1
+                    while i > base and buf[i - 1] > v:
+                        buf[i] = buf[i - 1]
+                        i -= 1
+                    buf[i] = v
+                elif old == old:  # remove
+                    for i in range(_bisect(buf, base, base + k, old, False), base + k - 1):
+                        buf[i] = buf[i + 1]
+                    k -= 1
+                elif v == v:  # insert
+                    i = base + k
+                    while i > base and buf[i - 1] > v:
+                        buf[i] = buf[i - 1]
+                        i -= 1
+                    buf[i] = v
+                    k += 1
+                cnt[j] = k
+                for s in range(whats.shape[0]):
+                    res = _NAN
+                    if k >= min_periods and k > 0:
+                        if whats[s] == _MEDIAN:
+                            h = base + k // 2
+                            res = buf[h] if k % 2 else (buf[h - 1] + buf[h]) / 2.0
+                        elif whats[s] == _QUANTILE:
+                            pos = qs[s] * (k - 1)
+                            lo = int(pos)
+                            res = buf[base + lo]
+                            if pos != lo:
+                                res += (buf[base + lo + 1] - res) * (pos - lo)
+                        elif v == v:  # rank of the current value
+                            below = _bisect(buf, base, base + k, v, False) - base
+                            upto = _bisect(buf, base, base + k, v, True) - base
+                            if not ascending:
+                                below, upto = k - upto, k - below
+                            if method == 1:
+                                res = below + 1.0
+                            elif method == 2:
+                                res = float(upto)
+                            else:
+                                res = (below + 1 + upto) / 2.0
+                            res = res / k if pct else res
+                    out[s, t, c0 + j] = res
+
+
+# =========================================================================== exponential weights
+# pandas' recurrences (window_aggregations.pyx: ewm, ewmcov), written branch-free so that the column
+# loop vectorises. State is stored as ``value + 0.0``: a store of "the new value or the old one" would
+# otherwise become a masked store, which is slow on some x86 CPUs (+0.0 only turns -0.0 into 0.0).
+@njit(**_JIT)
+def _ewm_mean_kernel(x, out, com, adjust, ignore_na, min_periods, first, stop):
+    """Exponentially weighted mean (``adjust``: weights (1-alpha)^i normalised over the past)."""
+    T = x.shape[0]
+    alpha = 1.0 / (1.0 + com)
+    decay = 1.0 - alpha
+    new_wt = 1.0 if adjust else alpha
+    for c0 in range(first, stop, _BLOCK):
+        n = _imin(_BLOCK, stop - c0)
+        avg = np.full(n, _NAN)
+        old_wt = np.ones(n)
+        nobs = np.zeros(n)
+        for t in range(T):
+            xr = x[t, c0:c0 + n]
+            row = out[t, c0:c0 + n]
+            for j in range(n):
+                v = np.float64(xr[j])
+                ok = v == v
+                m = avg[j]
+                started = m == m
+                step = started & (ok | (not ignore_na))  # the past decays
+                wt = old_wt[j] * decay if step else old_wt[j]
+                blended = (wt * m + new_wt * v) / (wt + new_wt) if m != v else m
+                first_obs = ok & (not started)
+                m = blended if step & ok else (v if first_obs else m)
+                wt = (wt + new_wt if adjust else 1.0) if step & ok else (1.0 if first_obs else wt)
+                nobs[j] += 1.0 if ok else 0.0
+                avg[j] = m + 0.0
+                old_wt[j] = wt + 0.0
+                row[j] = m if nobs[j] >= min_periods else _NAN
+
+
+@njit(**_JIT)
+def _ewm_var_kernel(x, out, com, adjust, ignore_na, min_periods, bias, take_sqrt, first, stop):
+    """Exponentially weighted variance (ewmcov with y = x), debiased unless ``bias``."""
+    T = x.shape[0]
+    alpha = 1.0 / (1.0 + com)
+    decay = 1.0 - alpha
+    new_wt = 1.0 if adjust else alpha
+    for c0 in range(first, stop, _BLOCK):
+        n = _imin(_BLOCK, stop - c0)
+        avg = np.full(n, _NAN)
+        var = np.zeros(n)
+        sum_wt = np.ones(n)
+        sum_wt2 = np.ones(n)
+        old_wt = np.ones(n)
+        nobs = np.zeros(n)
+        for t in range(T):
+            xr = x[t, c0:c0 + n]
+            row = out[t, c0:c0 + n]
+            for j in range(n):
+                v = np.float64(xr[j])
+                ok = v == v
+                m = avg[j]
+                started = m == m
+                step = started & (ok | (not ignore_na))
+                sw = sum_wt[j] * decay if step else sum_wt[j]
+                sw2 = sum_wt2[j] * (decay * decay) if step else sum_wt2[j]
+                wt = old_wt[j] * decay if step else old_wt[j]
+                m1 = (wt * m + new_wt * v) / (wt + new_wt) if m != v else m
+                va1 = (wt * (var[j] + (m - m1) * (m - m1)) + new_wt * (v - m1) * (v - m1)) / (wt + new_wt)
+                sw1 = sw + new_wt
+                sw21 = sw2 + new_wt * new_wt
+                wt1 = wt + new_wt
+                if not adjust:
+                    sw1 = sw1 / wt1
+                    sw21 = sw21 / (wt1 * wt1)
+                    wt1 = 1.0
+                upd = step & ok
+                first_obs = ok & (not started)
+                m = m1 if upd else (v if first_obs else m)
+                va = va1 if upd else (0.0 if first_obs else var[j])
+                sw = sw1 if upd else (1.0 if first_obs else sw)
+                sw2 = sw21 if upd else (1.0 if first_obs else sw2)
+                wt = wt1 if upd else (1.0 if first_obs else wt)
+                nobs[j] += 1.0 if ok else 0.0
+                avg[j] = m + 0.0
+                var[j] = va + 0.0
+                sum_wt[j] = sw + 0.0
+                sum_wt2[j] = sw2 + 0.0
+                old_wt[j] = wt + 0.0
+                num = sw * sw
+                den = num - sw2
+                res = va if bias else (num / den * va if den > 0.0 else _NAN)
+                res = res if (nobs[j] >= min_periods) & (m == m) else _NAN
+                if take_sqrt:
+                    res = math.sqrt(res if res > 0.0 else 0.0) if res == res else _NAN
+                row[j] = res
+
+
+# ==================================================================== lags and cross-sections
+@njit(**_JIT)
+def _lag_kernel(x, out, periods, what, first, stop):
+    """shift / diff / simple return / log return against the value ``periods`` rows earlier."""
+    T, M = x.shape
+    for t in range(first, stop):
+        s = t - periods
+        if s < 0 or s >= T:
+            out[t, :] = _NAN
+            continue
+        for j in range(M):
+            v = np.float64(x[t, j])
+            u = np.float64(x[s, j])
+            if what == _SHIFT:
+                out[t, j] = u
+            elif what == _DIFF:
+                out[t, j] = v - u
+            elif what == _PCT:
+                out[t, j] = v / u - 1.0
+            else:
+                out[t, j] = np.log(v / u)
+
+
+@njit(**_JIT)
+def _cs_rank_kernel(x, order, out, method, ascending, pct, first, stop):
+    """Rank of each valid value within its row (NaN stays NaN), ties like pandas' ``method``;
+    ``order`` is each row's argsort (NaN last, from numpy: sorting compiles slowly in numba)."""
+    for i in range(first, stop):
+        row = x[i]
+        idx = order[i]
+        k = 0
+        for j in range(row.shape[0]):
+            k += row[j] == row[j]
+        out[i, :] = _NAN
+        g = 0
+        while g < k:  # a group of ties occupies sorted positions g..h-1
+            h = g + 1
+            while h < k and row[idx[h]] == row[idx[g]]:
+                h += 1
+            below, upto = (g, h) if ascending else (k - h, k - g)
+            if method == 1:
+                rk = below + 1.0
+            elif method == 2:
+                rk = float(upto)
+            else:
+                rk = (below + 1 + upto) / 2.0
+            for m in range(g, h):
+                out[i, idx[m]] = rk / k if pct else rk
+            g = h
+
+
+@njit(**_JIT)
+def _cs_zscore_kernel(x, out, ddof, first, stop):
+    """(x - mean) / std of each row's valid values, two passes (exact for any offset)."""
+    R, S = x.shape
+    for i in range(first, stop):
+        k = 0.0
+        total = 0.0
+        for j in range(S):
+            v = np.float64(x[i, j])
+            if v == v:
+                k += 1.0
+                total += v
+        mu = total / k if k > 0 else _NAN
+        ss = 0.0
+        for j in range(S):
+            v = np.float64(x[i, j])
+            if v == v:
+                ss += (v - mu) * (v - mu)
+        sd = math.sqrt(ss / (k - ddof)) if k > ddof else _NAN
+        for j in range(S):
+            v = np.float64(x[i, j])
+            out[i, j] = (v - mu) / sd if (sd > 0.0 and v == v) else _NAN
+
+
+# ====================================================================== running the kernels
+_warm: set = set()
+
+
+def _cache_lock() -> FileLock:
+    """numba writes its on-disk cache without locking (numba#4807): serialise first calls across
+    processes (pytest-xdist workers, parallel jobs) on a lock named after this file."""
+    tag = hashlib.sha1(os.path.abspath(__file__).encode()).hexdigest()[:12]
+    return FileLock(os.path.join(tempfile.gettempdir(), f"fintensor-numba-{tag}.lock"))
+
+
+_SERIAL_BELOW = 200_000  # elements: below this, waking another thread costs more than it saves
+_pool: ThreadPoolExecutor | None = None
+
+
+def _run(kernel: Callable, units: int, *args) -> None:
+    """``kernel(*args, first, stop)`` over ``units`` columns (or rows), split into one contiguous
+    range per thread (``numba.get_num_threads()``; the kernels release the GIL). Results do not
+    depend on the split. The first call per (kernel, dtype) in this process compiles or loads the
+    cached machine code, alone, under an inter-process lock."""
+    global _pool
+    key = (kernel.__name__, args[0].dtype.char)
+    if key not in _warm:
+        with _cache_lock():
+            kernel(*args, 0, units)
+        _warm.add(key)
+        return
+    threads = _imin(numba.get_num_threads(), units) if args[0].size >= _SERIAL_BELOW else 1
+    if threads <= 1:
+        kernel(*args, 0, units)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_imax(1, (os.cpu_count() or 2) - 1),
+                                   thread_name_prefix="fintensor-rolling")
+    bounds = [units * i // threads for i in range(threads + 1)]
+    pending = [_pool.submit(kernel, *args, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    kernel(*args, bounds[0], bounds[1])
+    for job in pending:
+        job.result()
+
+
+# ====================================================================== inputs and outputs
+def _is_stock_tensor(x) -> bool:
+    return hasattr(x, "dims") and hasattr(x, "with_values") and hasattr(x, "values")
+
+
+def _time_axis(dims: tuple) -> int:
+    for name in ("time", "tick"):
+        if name in dims:
+            return dims.index(name)
+    return 0
+
+
+def _resolve_axis(axis, ndim: int, dims: tuple | None, default: int) -> int:
+    if axis is None:
+        return default
+    if isinstance(axis, str):
+        if dims is None or axis not in dims:
+            raise BadInputError(f"axis {axis!r} is not a dimension of the input (dims: {dims}); "
+                                "pass an int axis or one of the dims")
+        return dims.index(axis)
+    if not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
+        raise BadInputError(f"axis {axis!r} is out of range for a {ndim}-D input; pass 0..{ndim - 1}")
+    return int(axis) % ndim
+
+
+class _Input:
+    """An input unwrapped to an array (numpy, or torch for the torch path) plus how to wrap a result
+    of the same shape back into the input's type."""
+
+    def __init__(self, x, what: str, engine: str):
+        self.tensor = x if _is_stock_tensor(x) else None
+        data = x.values if self.tensor is not None else x
+        self.dims = tuple(self.tensor.dims) if self.tensor is not None else None
+        self.is_torch = isinstance(data, torch.Tensor)
+        if engine not in ("auto", "numba", "torch"):
+            raise BadInputError(f"engine {engine!r} is unknown; use 'auto', 'numba' or 'torch'")
+        self.use_torch = engine == "torch" or (self.is_torch and data.device.type != "cpu")
+        if self.use_torch and engine == "numba":
+            raise BadInputError("engine='numba' runs on the CPU; move the tensor with .cpu() first")
+        if self.is_torch:
+            data = data.detach()
+            if not (data.is_floating_point() and data.dtype in (torch.float32, torch.float64)):
+                data = data.to(torch.float64)
+            self.device = data.device
+            self.array = data if self.use_torch else data.numpy()
+        else:
+            array = np.asarray(data)
+            if array.dtype not in (np.float32, np.float64):
+                if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+                    raise BadInputError(f"{what} must be numeric, got dtype {array.dtype}")
+                array = array.astype(np.float64)
+            self.array = torch.from_numpy(array) if self.use_torch else array
+        if self.array.ndim == 0 or self.array.ndim > 4:
+            raise BadInputError(f"{what} must have 1 to 4 dimensions, got {self.array.ndim}")
+        self.dtype = self.array.dtype
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.array.shape)
+
+    def axis(self, axis, default: int | None = None) -> int:
+        fallback = _time_axis(self.dims) if self.dims is not None else 0
+        return _resolve_axis(axis, self.array.ndim, self.dims, fallback if default is None else default)
+
+    def wrap(self, result):
+        """Result (numpy or torch, input's shape) -> the input's type."""
+        if self.is_torch or self.tensor is not None:
+            if isinstance(result, np.ndarray):
+                result = torch.from_numpy(result)
+            result = result.to(self.device) if self.is_torch else result
+        if self.tensor is not None:
+            return self.tensor.with_values(result, mask=~torch.isnan(result))
+        return result
+
+
+def _panel(a, axis: int):
+    """(T, M) C-contiguous view (or copy) of ``a`` with ``axis`` first."""
+    width = math.prod(a.shape[:axis] + a.shape[axis + 1:])
+    if isinstance(a, torch.Tensor):
+        return torch.movedim(a, axis, 0).reshape(a.shape[axis], width).contiguous()
+    return np.ascontiguousarray(np.moveaxis(a, axis, 0)).reshape(a.shape[axis], width)
+
+
+def _unpanel(p, shape: tuple, axis: int):
+    """Inverse of ``_panel`` for a result of the same shape."""
+    moved = (shape[axis],) + shape[:axis] + shape[axis + 1:]
+    if isinstance(p, torch.Tensor):
+        return torch.movedim(p.reshape(moved), 0, axis)
+    return np.moveaxis(p.reshape(moved), 0, axis)
+
+
+def _check_out(out, inp: _Input):
+    """The array to write into (numpy, or torch for torch and StockTensor inputs), validated."""
+    if out is None:
+        return None
+    target = out.values if _is_stock_tensor(out) else out
+    wants_torch = inp.is_torch or inp.tensor is not None
+    kind = "a torch.Tensor" if wants_torch else "a numpy array"
+    if not isinstance(target, torch.Tensor if wants_torch else np.ndarray):
+        raise BadInputError(f"out must be {kind} like the input, got {type(out).__name__}")
+    dtype = inp.array.dtype
+    if wants_torch and isinstance(dtype, np.dtype):
+        dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+    if tuple(target.shape) != inp.shape or target.dtype != dtype:
+        raise BadInputError(f"out has shape {tuple(target.shape)} and dtype {target.dtype}; the result "
+                            f"needs shape {inp.shape} and dtype {dtype}")
+    return target
+
+
+def _apply(x, axis, out, engine: str, numba_fn: Callable, torch_fn: Callable, what: str = "x"):
+    """Run one statistic along ``axis``: the numba kernel on a (T, M) panel, or the torch ops;
+    write into ``out`` when given (directly when its layout allows, else through a copy)."""
+    inp = _Input(x, what, engine)
+    ax = inp.axis(axis)
+    target = _check_out(out, inp)
+    if inp.use_torch:
+        with torch.no_grad():
+            res = _unpanel(torch_fn(_panel(inp.array, ax)), inp.shape, ax)
+    else:
+        panel = _panel(inp.array, ax)
+        dest = target.numpy() if isinstance(target, torch.Tensor) else target
+        direct = (dest is not None and ax == 0 and dest.flags.c_contiguous
+                  and not np.shares_memory(dest, inp.array))
+        res2d = dest.reshape(panel.shape) if direct else np.empty_like(panel)
+        if panel.size:
+            numba_fn(panel, res2d)
+        if direct:
+            return inp.wrap(target)
+        res = _unpanel(res2d, inp.shape, ax)
+    return _deliver(inp, target, res)
+
+
+def _deliver(inp: _Input, target, res):
+    """The result in the input's type, copied into ``out`` (``target``) when one was given."""
+    if target is None:
+        return inp.wrap(res)
+    if isinstance(target, torch.Tensor):
+        target.copy_(torch.as_tensor(res))
+    else:
+        np.copyto(target, res)
+    return inp.wrap(target)
+
+
+def _window_args(window, min_periods) -> tuple[int, int]:
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise BadInputError(f"window must be a positive integer, got {window!r}")
+    window = int(window)
+    if min_periods is None:
+        return window, window
+    if isinstance(min_periods, bool) or not isinstance(min_periods, (int, np.integer)) \
+            or not 0 <= min_periods <= window:
+        raise BadInputError(f"min_periods must be an integer from 0 to the window ({window}), "
+                            f"got {min_periods!r}")
+    return window, int(min_periods)
+
+
+def _ddof_arg(ddof) -> int:
+    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
+        raise BadInputError(f"ddof must be a non-negative integer, got {ddof!r}")
+    return int(ddof)
+
+
+# ============================================================================== torch path
+def _torch_windows(p: torch.Tensor, window: int, f: Callable, chunk_bytes: int = 1 << 26):
+    """Apply ``f(win, last, start)`` to time chunks of the windows of a (T, M) float64 panel:
+    ``win`` is (t, M, window), NaN-padded before the first row; ``last`` the windows' newest
+    values; ``start`` how many padded slots each window has."""
+    T, M = p.shape
+    pad = torch.full((window - 1, M), float("nan"), dtype=p.dtype, device=p.device)
+    padded = torch.cat([pad, p])
+    step = _imax(1, chunk_bytes // _imax(1, M * window * 8))
+    parts = []
+    for t0 in range(0, T, step):
+        t1 = _imin(T, t0 + step)
+        win = padded[t0:t1 + window - 1].unfold(0, window, 1)
+        skipped = (window - 1 - torch.arange(t0, t1, device=p.device)).clamp(min=0)
+        parts.append(f(win, p[t0:t1], skipped))
+    return torch.cat(parts) if parts else torch.empty_like(p)
+
+
+def _torch_rolling(kind: str, p: torch.Tensor, window: int, min_periods: int, **kw) -> torch.Tensor:
+    """The windowed statistics with plain torch ops (two-pass moments, exact like the kernels)."""
+    dtype = p.dtype
+    p = p.to(torch.float64)
+    nan = float("nan")
+    T = p.shape[0]
+    size = torch.arange(1, T + 1, device=p.device).clamp(max=window).to(p.dtype)[:, None]
+
+    def f(win, last, skipped):
+        valid = ~torch.isnan(win)
+        cnt = valid.sum(-1).to(p.dtype)
+        enough = (cnt >= min_periods) & (cnt > 0)
+        if kind == "count":
+            return cnt
+        zero = torch.zeros((), dtype=p.dtype, device=p.device)
+        total = torch.where(valid, win, zero).sum(-1)
+        if kind == "sum":
+            return torch.where(cnt >= min_periods, total, nan)
+        mu = total / cnt
+        if kind == "mean":
+            return torch.where(enough, mu, nan)
+        if kind in ("var", "std", "zscore"):
+            ddof = kw["ddof"]
+            m2 = torch.where(valid, (win - mu[..., None]) ** 2, zero).sum(-1)
+            var = torch.where(enough & (cnt > ddof), m2 / (cnt - ddof), nan)
+            if kind == "var":
+                return var
+            sd = var.sqrt()
+            if kind == "std":
+                return sd
+            return torch.where(sd > 0, (last - mu) / sd, nan)
+        if kind in ("max", "min", "argmax", "argmin"):
+            sign = 1.0 if kind in ("max", "argmax") else -1.0
+            filled = torch.where(valid, sign * win, -torch.inf)
+            if kind in ("max", "min"):
+                return torch.where(enough, sign * filled.amax(-1), nan)
+            return torch.where(enough, (filled.argmax(-1) - skipped[:, None]).to(p.dtype), nan)
+        if kind in ("median", "quantile"):
+            q = 0.5 if kind == "median" else kw["q"]
+            return torch.where(enough, torch.nanquantile(win, q, dim=-1), nan)
+        if kind == "rank":
+            v = last[..., None]
+            below = (valid & (win < v)).sum(-1).to(p.dtype)
+            upto = (valid & (win <= v)).sum(-1).to(p.dtype)
+            if not kw["ascending"]:
+                below, upto = cnt - upto, cnt - below
+            rk = {"min": below + 1, "max": upto}.get(kw["method"], (below + 1 + upto) / 2)
+            rk = rk / cnt if kw["pct"] else rk
+            return torch.where(enough & ~torch.isnan(last), rk, nan)
+        raise AssertionError(kind)
+
+    if kind == "count":  # pandas: min_periods counts the rows in the window, NaN or not
+        res = torch.where(size >= min_periods, _torch_windows(p, window, f), nan)
+    else:
+        res = _torch_windows(p, window, f)
+    return res.to(dtype)
+
+
+def _torch_pairwise(kind: str, py: torch.Tensor, px: torch.Tensor, window: int, min_periods: int,
+                    ddof: int) -> torch.Tensor:
+    dtype = py.dtype
+    py, px = py.to(torch.float64), px.to(torch.float64).expand_as(py)
+    both = ~(torch.isnan(py) | torch.isnan(px))
+    nan = float("nan")
+    py_m = torch.where(both, py, nan)
+    px_m = torch.where(both, px, nan)
+    zero = torch.zeros((), dtype=torch.float64, device=py.device)
+    stacked = torch.cat([py_m, px_m], dim=1)
+    M = py.shape[1]
+
+    def f(win, last, skipped):
+        wy, wx = win[:, :M], win[:, M:]
+        valid = ~torch.isnan(wy)
+        cnt = valid.sum(-1).to(torch.float64)
+        my = torch.where(valid, wy, zero).sum(-1) / cnt
+        mx = torch.where(valid, wx, zero).sum(-1) / cnt
+        ey = torch.where(valid, wy - my[..., None], zero)
+        ex = torch.where(valid, wx - mx[..., None], zero)
+        cxx, cyy, cxy = (ex * ex).sum(-1), (ey * ey).sum(-1), (ex * ey).sum(-1)
+        enough = (cnt >= min_periods) & (cnt > 0)
+        if kind == "cov":
+            res = torch.where(cnt > ddof, cxy / (cnt - ddof), nan)
+        elif kind == "beta":
+            res = torch.where(cxx > 0, cxy / cxx, nan)
+        elif kind == "resid":
+            ly, lx = last[:, :M], last[:, M:]
+            res = torch.where(cxx > 0, (ly - my) - cxy / cxx * (lx - mx), nan)
+        else:
+            r = torch.where((cxx > 0) & (cyy > 0), cxy / (cxx * cyy).sqrt(), nan)
+            res = r if kind == "corr" else r * r
+        return torch.where(enough, res, nan)
+
+    return _torch_windows(stacked, window, f).to(dtype)
+
+
+def _torch_ewm(p: torch.Tensor, com: float, adjust: bool, ignore_na: bool, min_periods: int,
+               kind: str, bias: bool) -> torch.Tensor:
+    """pandas' ewma / ewmcov recurrences, vectorised across columns, one time step at a time."""
+    dtype = p.dtype
+    p = p.to(torch.float64)
+    T, M = p.shape
+    alpha = 1.0 / (1.0 + com)
+    decay, new_wt = 1.0 - alpha, (1.0 if adjust else alpha)
+    nan = torch.full((M,), float("nan"), dtype=torch.float64, device=p.device)
+    avg, var = nan.clone(), torch.zeros_like(nan)
+    old_wt, sum_wt, sum_wt2 = torch.ones_like(nan), torch.ones_like(nan), torch.ones_like(nan)
+    nobs = torch.zeros_like(nan)
+    out = torch.empty_like(p)
+    for t in range(T):
+        v = p[t]
+        ok = ~torch.isnan(v)
+        nobs += ok
+        started = ~torch.isnan(avg)
+        step = started & (ok | (not ignore_na))
+        upd = step & ok
+        old_wt = torch.where(step, old_wt * decay, old_wt)
+        sum_wt = torch.where(step, sum_wt * decay, sum_wt)
+        sum_wt2 = torch.where(step, sum_wt2 * decay * decay, sum_wt2)
+        m_new = torch.where(avg != v, (old_wt * avg + new_wt * v) / (old_wt + new_wt), avg)
+        var_new = (old_wt * (var + (avg - m_new) ** 2) + new_wt * (v - m_new) ** 2) / (old_wt + new_wt)
+        var = torch.where(upd, var_new, var)
+        avg = torch.where(upd, m_new, avg)
+        sum_wt = torch.where(upd, sum_wt + new_wt, sum_wt)
+        sum_wt2 = torch.where(upd, sum_wt2 + new_wt * new_wt, sum_wt2)
+        old_wt = torch.where(upd, old_wt + new_wt, old_wt)
+        if not adjust:
+            sum_wt = torch.where(upd, sum_wt / old_wt, sum_wt)
+            sum_wt2 = torch.where(upd, sum_wt2 / old_wt ** 2, sum_wt2)
+            old_wt = torch.where(upd, torch.ones_like(old_wt), old_wt)
+        first = ~started & ok
+        avg = torch.where(first, v, avg)
+        var, sum_wt, sum_wt2, old_wt = (torch.where(first, torch.full_like(a, f), a) for a, f in
+                                        ((var, 0.0), (sum_wt, 1.0), (sum_wt2, 1.0), (old_wt, 1.0)))
+        have = (nobs >= min_periods) & ~torch.isnan(avg)
+        if kind == "mean":
+            out[t] = torch.where(have, avg, nan)
+            continue
+        num = sum_wt * sum_wt
+        den = num - sum_wt2
+        res = var if bias else torch.where(den > 0, num / den * var, nan)
+        res = torch.where(have, res, nan)
+        out[t] = res.clamp(min=0).sqrt() if kind == "std" else res
+    return out.to(dtype)
+
+
+def _torch_lag(p: torch.Tensor, periods: int, what: int) -> torch.Tensor:
+    dtype = p.dtype
+    p = p.to(torch.float64)
+    T = p.shape[0]
+    prev = torch.full_like(p, float("nan"))
+    if abs(periods) < T:
+        if periods >= 0:
+            prev[periods:] = p[:T - periods]
+        else:
+            prev[:T + periods] = p[-periods:]
+    res = {_SHIFT: lambda: prev, _DIFF: lambda: p - prev, _PCT: lambda: p / prev - 1.0,
+           _LOGRET: lambda: torch.log(p / prev)}[what]()
+    return res.to(dtype)
+
+
+def _torch_cs(kind: str, p: torch.Tensor, **kw) -> torch.Tensor:
+    """Cross-sectional rank / zscore along the last axis of a (R, S) panel."""
+    dtype = p.dtype
+    p = p.to(torch.float64)
+    valid = ~torch.isnan(p)
+    cnt = valid.sum(-1, keepdim=True).to(torch.float64)
+    nan = float("nan")
+    if kind == "zscore":
+        mu = torch.where(valid, p, 0.0).sum(-1, keepdim=True) / cnt
+        m2 = torch.where(valid, (p - mu) ** 2, 0.0).sum(-1, keepdim=True)
+        sd = torch.where(cnt > kw["ddof"], (m2 / (cnt - kw["ddof"])).sqrt(), nan)
+        return torch.where(valid & (sd > 0), (p - mu) / sd, nan).to(dtype)
+    filled = torch.where(valid, p, torch.inf)
+    srt = filled.sort(-1).values
+    below = torch.searchsorted(srt, filled.contiguous(), right=False).to(torch.float64)
+    upto = torch.searchsorted(srt, filled.contiguous(), right=True).to(torch.float64)
+    upto = torch.minimum(upto, cnt)
+    if not kw["ascending"]:
+        below, upto = cnt - upto, cnt - below
+    rk = {"min": below + 1, "max": upto}.get(kw["method"], (below + 1 + upto) / 2)
+    rk = rk / cnt if kw["pct"] else rk
+    return torch.where(valid, rk, nan).to(dtype)
+
+
+# ================================================================================ public API
+def _moving(kind: str, mode: int, x, window: int, min_periods, axis, out, engine, ddof: int = 1):
+    window, min_periods = _window_args(window, min_periods)
+    ddof = _ddof_arg(ddof)
+
+    def numba_fn(p, r):
+        if kind in ("sum", "mean", "count"):
+            _run(_sums_kernel, p.shape[1], p, r, window, min_periods, mode)
+        else:
+            _run(_moments_kernel, p.shape[1], p, r, window, min_periods, ddof, mode)
+
+    return _apply(x, axis, out, engine, numba_fn,
+                  lambda p: _torch_rolling(kind, p, window, min_periods, ddof=ddof))
+
+
+def sum(x, window: int, *, min_periods: int | None = None, axis=None, out=None, engine: str = "auto"):
+    """Moving sum of the valid values (0 when none is valid and min_periods is 0), like
+    ``DataFrame.rolling(window, min_periods).sum()``."""
+    return _moving("sum", _SUM, x, window, min_periods, axis, out, engine)
+
+
+def mean(x, window: int, *, min_periods: int | None = None, axis=None, out=None, engine: str = "auto"):
+    """Moving mean of the valid values, like ``DataFrame.rolling(window, min_periods).mean()``."""
+    return _moving("mean", _MEAN, x, window, min_periods, axis, out, engine)
+
+
+def count(x, window: int, *, min_periods: int | None = None, axis=None, out=None, engine: str = "auto"):
+    """Number of valid values in the window. As in pandas, ``min_periods`` counts the window's
+    rows (valid or not): the first ``min_periods - 1`` rows are NaN."""
+    return _moving("count", _COUNT, x, window, min_periods, axis, out, engine)
+
+
+def var(x, window: int, *, ddof: int = 1, min_periods: int | None = None, axis=None, out=None,
+        engine: str = "auto"):
+    """Moving variance (``ddof`` 1 like pandas), exact for prices far from zero and after spikes."""
+    return _moving("var", _VAR, x, window, min_periods, axis, out, engine, ddof)
+
+
+def std(x, window: int, *, ddof: int = 1, min_periods: int | None = None, axis=None, out=None,
+        engine: str = "auto"):
+    """Moving standard deviation: the square root of ``var``."""
+    return _moving("std", _STD, x, window, min_periods, axis, out, engine, ddof)
+
+
+def zscore(x, window: int, *, ddof: int = 1, min_periods: int | None = None, axis=None, out=None,
+           engine: str = "auto"):
+    """``(x - moving mean) / moving std`` of the window ending at each value (NaN where the value is
+    missing or the window is constant)."""
+    return _moving("zscore", _ZSCORE, x, window, min_periods, axis, out, engine, ddof)
+
+
+def _extreme(kind: str, x, window, min_periods, axis, out, engine):
+    window, min_periods = _window_args(window, min_periods)
+    sign = 1.0 if kind in ("max", "argmax") else -1.0
+    want_index = kind.startswith("arg")
+
+    def numba_fn(p, r):
+        _run(_extremes_kernel, p.shape[1], p, r, window, min_periods, sign, want_index)
+
+    return _apply(x, axis, out, engine, numba_fn, lambda p: _torch_rolling(kind, p, window, min_periods))
+
+
+def max(x, window: int, *, min_periods: int | None = None, axis=None, out=None, engine: str = "auto"):
+    """Moving maximum of the valid values, like ``DataFrame.rolling(window, min_periods).max()``."""
+    return _extreme("max", x, window, min_periods, axis, out, engine)
+
+
+def min(x, window: int, *, min_periods: int | None = None, axis=None, out=None, engine: str = "auto"):
+    """Moving minimum of the valid values, like ``DataFrame.rolling(window, min_periods).min()``."""
+    return _extreme("min", x, window, min_periods, axis, out, engine)
+
+
+def argmax(x, window: int, *, min_periods: int | None = None, axis=None, out=None,
+           engine: str = "auto"):
+    """Position of the window's maximum counted from the window's oldest row (0 .. window-1), the
+    oldest winning ties -- ``np.argmax`` of the window, NaN skipped. Windows cut by the start of the
+    data count from the first row."""
+    return _extreme("argmax", x, window, min_periods, axis, out, engine)
+
+
+def argmin(x, window: int, *, min_periods: int | None = None, axis=None, out=None,
+           engine: str = "auto"):
+    """Position of the window's minimum (see ``argmax``)."""
+    return _extreme("argmin", x, window, min_periods, axis, out, engine)
+
+
+def _order(kind: str, mode: int, x, window, min_periods, axis, out, engine, q=0.5, method="average",
+           ascending=True, pct=False):
+    window, min_periods = _window_args(window, min_periods)
+    if method not in _RANK_METHODS:
+        raise BadInputError(f"method {method!r} is unknown; use one of {sorted(_RANK_METHODS)}")
+    if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0.0 <= q <= 1.0:
+        raise BadInputError(f"quantile q must be a number from 0 to 1, got {q!r}")
+
+    def numba_fn(p, r):
+        _run(_order_kernel, p.shape[1], p, r[None], window, min_periods, np.array([mode]), np.array([float(q)]),
+             _RANK_METHODS[method], bool(ascending), bool(pct))
+
+    return _apply(x, axis, out, engine, numba_fn, lambda p: _torch_rolling(
+        kind, p, window, min_periods, q=float(q), method=method, ascending=bool(ascending), pct=bool(pct)))
+
+
+def _order_stats(x: np.ndarray, window: int, min_periods: int, quantiles=(), pct_rank: bool = False) -> list:
+    """Several order statistics of a (T, N) float64 array's windows from one sorted pass: the
+    ``quantiles``, then the percentile rank of the current value if ``pct_rank`` (features use it
+    for QTLU, QTLD and RANK)."""
+    whats = np.array([_QUANTILE] * len(quantiles) + [_RANK] * pct_rank, dtype=np.int64)
+    qs = np.array(list(quantiles) + [0.0] * pct_rank, dtype=np.float64)
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    out = np.empty((len(whats),) + x.shape)
+    if x.size:
+        _run(_order_kernel, x.shape[1], x, out, int(window), int(min_periods), whats, qs, 0, True, True)
+    return list(out)
+
+
+def median(x, window: int, *, min_periods: int | None = None, axis=None, out=None,
+           engine: str = "auto"):
+    """Moving median of the valid values, like ``DataFrame.rolling(window, min_periods).median()``."""
+    return _order("median", _MEDIAN, x, window, min_periods, axis, out, engine)
+
+
+def quantile(x, window: int, q: float, *, min_periods: int | None = None, axis=None, out=None,
+             engine: str = "auto"):
+    """Moving ``q`` quantile with linear interpolation, like ``rolling(...).quantile(q)``."""
+    return _order("quantile", _QUANTILE, x, window, min_periods, axis, out, engine, q=q)
+
+
+def rank(x, window: int, *, method: str = "average", ascending: bool = True, pct: bool = False,
+         min_periods: int | None = None, axis=None, out=None, engine: str = "auto"):
+    """Rank of each value within its window (1 = smallest; ties by ``method``; ``pct`` divides by
+    the valid count), like ``rolling(...).rank(method, ascending, pct)``."""
+    return _order("rank", _RANK, x, window, min_periods, axis, out, engine, method=method,
+                  ascending=ascending, pct=pct)
+
+
+# ------------------------------------------------------------------------------- exponential
+def _center_of_mass(com, span, halflife, alpha) -> float:
+    given = {k: v for k, v in dict(com=com, span=span, halflife=halflife, alpha=alpha).items()
+             if v is not None}
+    if len(given) != 1:
+        raise BadInputError("give exactly one of com, span, halflife, alpha "
+                            f"(got {', '.join(given) or 'none'})")
+    (name, value), = given.items()
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise BadInputError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if name == "com" and value >= 0:
+        return value
+    if name == "span" and value >= 1:
+        return (value - 1) / 2
+    if name == "halflife" and value > 0:
+        return 1 / (1 - math.exp(math.log(0.5) / value)) - 1
+    if name == "alpha" and 0 < value <= 1:
+        return 1 / value - 1
+    limits = {"com": ">= 0", "span": ">= 1", "halflife": "> 0", "alpha": "in (0, 1]"}
+    raise BadInputError(f"{name} must be {limits[name]}, got {value!r}")
+
+
+def _ewm(kind: str, x, com, span, halflife, alpha, adjust, ignore_na, min_periods, bias, axis, out,
+         engine):
+    c = _center_of_mass(com, span, halflife, alpha)
+    if isinstance(min_periods, bool) or not isinstance(min_periods, (int, np.integer)) or min_periods < 0:
+        raise BadInputError(f"min_periods must be a non-negative integer, got {min_periods!r}")
+    minp = _imax(int(min_periods), 1)  # as pandas
+
+    def numba_fn(p, r):
+        if kind == "mean":
+            _run(_ewm_mean_kernel, p.shape[1], p, r, c, bool(adjust), bool(ignore_na), minp)
+        else:
+            _run(_ewm_var_kernel, p.shape[1], p, r, c, bool(adjust), bool(ignore_na), minp, bool(bias),
+                 kind == "std")
+
+    return _apply(x, axis, out, engine, numba_fn,
+                  lambda p: _torch_ewm(p, c, bool(adjust), bool(ignore_na), minp, kind, bool(bias)))
+
+
+def ewm_mean(x, *, com: float | None = None, span: float | None = None, halflife: float | None = None,
+             alpha: float | None = None, adjust: bool = True, ignore_na: bool = False,
+             min_periods: int = 0, axis=None, out=None, engine: str = "auto"):
+    """Exponentially weighted mean, like ``DataFrame.ewm(com|span|halflife|alpha, adjust=...,
+    ignore_na=..., min_periods=...).mean()``."""
+    return _ewm("mean", x, com, span, halflife, alpha, adjust, ignore_na, min_periods, False, axis,
+                out, engine)
+
+
+def ewm_var(x, *, com: float | None = None, span: float | None = None, halflife: float | None = None,
+            alpha: float | None = None, adjust: bool = True, ignore_na: bool = False,
+            min_periods: int = 0, bias: bool = False, axis=None, out=None, engine: str = "auto"):
+    """Exponentially weighted variance, like ``DataFrame.ewm(...).var(bias=...)``."""
+    return _ewm("var", x, com, span, halflife, alpha, adjust, ignore_na, min_periods, bias, axis,
+                out, engine)
+
+
+def ewm_std(x, *, com: float | None = None, span: float | None = None, halflife: float | None = None,
+            alpha: float | None = None, adjust: bool = True, ignore_na: bool = False,
+            min_periods: int = 0, bias: bool = False, axis=None, out=None, engine: str = "auto"):
+    """Exponentially weighted standard deviation, like ``DataFrame.ewm(...).std(bias=...)``."""
+    return _ewm("std", x, com, span, halflife, alpha, adjust, ignore_na, min_periods, bias, axis,
+                out, engine)
+
+
+# ---------------------------------------------------------------------------------- pairwise
+def _pairwise(kind: str, mode: int, y, x, window, min_periods, ddof, axis, out, engine):
+    """Run the pairwise kernel of ``y`` against ``x``: same shape, or a market series broadcast
+    over every other axis (its length along time only)."""
+    window, min_periods = _window_args(window, min_periods)
+    ddof = _ddof_arg(ddof)
+    ref = _Input(y, "y", engine)
+    ax = ref.axis(axis)
+    other = _Input(x, "x", "torch" if ref.use_torch else engine)  # x follows y to its device
+    if other.use_torch != ref.use_torch:
+        raise BadInputError("x is a CUDA tensor but y is not: move x to the CPU or y to the GPU")
+    xa = other.array
+    if other.shape != ref.shape:
+        if xa.ndim == 1 and xa.shape[0] == ref.shape[ax]:
+            xa = xa.reshape(-1, 1)
+        else:
+            raise BadInputError(f"x must have y's shape {ref.shape} or be one series of length "
+                                f"{ref.shape[ax]} along the time axis; got shape {other.shape}")
+    else:
+        xa = _panel(xa, ax)
+
+    def numba_fn(p, r):
+        xp = np.ascontiguousarray(xa, dtype=p.dtype)
+        step = 1 if xp.shape[1] == p.shape[1] else 0
+        _run(_comoments_kernel, p.shape[1], p, xp, r, window, min_periods, ddof, mode, step)
+
+    def torch_fn(p):
+        return _torch_pairwise(kind, p, torch.as_tensor(xa).to(p.device), window, min_periods, ddof)
+
+    return _apply(y, axis, out, engine, numba_fn, torch_fn, "y")
+
+
+def cov(y, x, window: int, *, ddof: int = 1, min_periods: int | None = None, axis=None, out=None,
+        engine: str = "auto"):
+    """Moving covariance of y and x over the pairs where both are valid, like
+    ``y.rolling(window, min_periods).cov(x)``; ``x`` may be one (market) series for every column."""
+    return _pairwise("cov", _COV, y, x, window, min_periods, ddof, axis, out, engine)
+
+
+def corr(y, x, window: int, *, min_periods: int | None = None, axis=None, out=None,
+         engine: str = "auto"):
+    """Moving correlation, like ``y.rolling(window, min_periods).corr(x)`` (NaN where either side
+    is constant in the window)."""
+    return _pairwise("corr", _CORR, y, x, window, min_periods, 1, axis, out, engine)
+
+
+def beta(y, x, window: int, *, min_periods: int | None = None, axis=None, out=None,
+         engine: str = "auto"):
+    """Moving regression slope of y on x, ``cov(y, x) / var(x)`` -- a stock's beta to the market
+    when ``x`` is the market's return series."""
+    return _pairwise("beta", _BETA, y, x, window, min_periods, 1, axis, out, engine)
+
+
+def _resid(y, x, window: int, *, min_periods: int | None = None, axis=None, out=None,
+           engine: str = "auto"):
+    """Residual of the current point from the moving regression of y on x (qlib's Resi)."""
+    return _pairwise("resid", _RESID, y, x, window, min_periods, 1, axis, out, engine)
+
+
+def _rsquare(y, x, window: int, *, min_periods: int | None = None, axis=None, out=None,
+             engine: str = "auto"):
+    """R-squared of the moving regression of y on x (qlib's Rsquare)."""
+    return _pairwise("rsquare", _RSQUARE, y, x, window, min_periods, 1, axis, out, engine)
+
+
+# ------------------------------------------------------------------------------- transforms
+def _lag(what: int, x, periods, axis, out, engine):
+    if isinstance(periods, bool) or not isinstance(periods, (int, np.integer)):
+        raise BadInputError(f"periods must be an integer, got {periods!r}")
+    periods = int(periods)
+    return _apply(x, axis, out, engine, lambda p, r: _run(_lag_kernel, p.shape[0], p, r, periods, what),
+                  lambda p: _torch_lag(p, periods, what))
+
+
+def returns(x, periods: int = 1, *, log: bool = False, axis=None, out=None, engine: str = "auto"):
+    """``x[t] / x[t-periods] - 1`` (``log``: ``log(x[t] / x[t-periods])``), like
+    ``pct_change(periods)``; NaN where either value is missing."""
+    return _lag(_LOGRET if log else _PCT, x, periods, axis, out, engine)
+
+
+def diff(x, periods: int = 1, *, axis=None, out=None, engine: str = "auto"):
+    """``x[t] - x[t-periods]``, like ``DataFrame.diff(periods)``."""
+    return _lag(_DIFF, x, periods, axis, out, engine)
+
+
+def shift(x, periods: int = 1, *, axis=None, out=None, engine: str = "auto"):
+    """``x[t-periods]`` (NaN where that is outside the data), like ``DataFrame.shift(periods)``.
+    A negative ``periods`` reads the future: use it for labels only."""
+    return _lag(_SHIFT, x, periods, axis, out, engine)
+
+
+def _stock_axis(inp: _Input, axis) -> int:
+    if axis is None and inp.dims is not None:
+        if "stock" not in inp.dims:
+            raise BadInputError(f"the tensor has no 'stock' dim (dims: {inp.dims}); pass axis=")
+        return inp.dims.index("stock")
+    return inp.axis(axis, default=1 if inp.array.ndim > 1 else 0)
+
+
+def _cross_section(kind: str, x, axis, out, engine, numba_fn: Callable, **kw):
+    """Apply a per-row kernel over the stock axis (moved last), at every time step."""
+    inp = _Input(x, "x", engine)
+    ax = _stock_axis(inp, axis)
+    last = inp.array.ndim - 1
+    # a cross-section is a row of the panel whose "time" axis is every axis but the stock axis
+    moved_ax = 0 if inp.array.ndim == 1 else last
+    to_rows = (lambda a: a.reshape(1, -1)) if inp.array.ndim == 1 else (
+        lambda a: a.reshape(-1, a.shape[-1]))
+    if inp.use_torch:
+        a = torch.movedim(inp.array, ax, moved_ax).contiguous()
+        res = torch.movedim(_torch_cs(kind, to_rows(a), **kw).reshape(a.shape), moved_ax, ax)
+    else:
+        a = np.ascontiguousarray(np.moveaxis(inp.array, ax, moved_ax))
+        r = np.empty_like(a)
+        if a.size:
+            numba_fn(to_rows(a), to_rows(r))
+        res = np.moveaxis(r, moved_ax, ax)
+    return _deliver(inp, _check_out(out, inp), res)
+
+
+def cs_rank(x, *, axis=None, method: str = "average", ascending: bool = True, pct: bool = False,
+            out=None, engine: str = "auto"):
+    """Cross-sectional rank over the stock axis at each time step (NaN stays NaN), like
+    ``DataFrame.rank(axis=1, method, ascending, pct)`` on a (time, stock) frame."""
+    if method not in _RANK_METHODS:
+        raise BadInputError(f"method {method!r} is unknown; use one of {sorted(_RANK_METHODS)}")
+    return _cross_section(
+        "rank", x, axis, out, engine,
+        lambda p, r: _run(_cs_rank_kernel, p.shape[0], p, np.argsort(p, axis=1, kind="stable"), r,
+                          _RANK_METHODS[method], bool(ascending), bool(pct)),
+        method=method, ascending=bool(ascending), pct=bool(pct))
+
+
+def cs_zscore(x, *, axis=None, ddof: int = 1, out=None, engine: str = "auto"):
+    """Cross-sectional ``(x - mean) / std`` over the stock axis at each time step, NaN-aware."""
+    ddof = _ddof_arg(ddof)
+    return _cross_section("zscore", x, axis, out, engine,
+                          lambda p, r: _run(_cs_zscore_kernel, p.shape[0], p, r, ddof), ddof=ddof)
