@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import textwrap
 from typing import Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -20,6 +22,43 @@ def _store(args):
     from .store import Store
 
     return Store(args.store)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help that fits a screen: options aligned at column 28, text wrapped at 100 columns."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=28, width=min(100, shutil.get_terminal_size().columns))
+
+
+def _command(sub, common, name: str, summary: str, description: str, *examples: str, usage: str | None = None):
+    """A subcommand parser: the common flags, a wrapped description and its examples."""
+    text = "\n\n".join(textwrap.fill(par, 96) for par in description.split("\n\n"))
+    text += "\n\nexample" + ("s" if len(examples) > 1 else "") + ":\n" + "\n".join(f"  {e}" for e in examples)
+    return sub.add_parser(name, parents=[common], help=summary, description=text, usage=usage,
+                          formatter_class=_Formatter)
+
+
+def _compact(parser, title: str, *flags: tuple[str, dict]):
+    """An option group listed in a few lines ("--lookback N (20)   --nesterov ...") instead of one per flag."""
+    shown = []
+    for flag, kwargs in flags:
+        item = kwargs.pop("shown", None)
+        if item is None:
+            item = flag if kwargs.get("action") == "store_true" else \
+                f"{flag} {'|'.join(kwargs['choices']) if 'choices' in kwargs else flag.strip('-').upper()}"
+        if kwargs.get("default") not in (None, False):
+            item += f" ({kwargs['default']})"
+        shown.append(item)
+    lines = [""]
+    for item in shown:  # wrap between items, never inside one
+        if lines[-1] and len(lines[-1]) + 3 + len(item) > 96:
+            lines.append("")
+        lines[-1] += ("   " if lines[-1] else "") + item
+    group = parser.add_argument_group(title, "\n".join(lines))
+    for flag, kwargs in flags:
+        group.add_argument(flag, help=argparse.SUPPRESS, **kwargs)
+    return group
 
 
 def _emit(args, payload, text: str | None = None) -> None:
@@ -44,27 +83,25 @@ def _table(rows: list[dict], columns: Sequence[str]) -> str:
 def add_download(sub, common):
     from .sources.yahoo import INTERVALS
 
-    p = sub.add_parser(
-        "download", parents=[common], help="download bars from Yahoo Finance into the store",
-        description="Download daily or intraday bars from Yahoo Finance (through yfinance). Only what the "
-                    "store lacks is requested; a second run of the same command requests nothing. Each "
-                    "symbol is reported ok, not found, rate-limited or failed; good symbols are stored "
-                    "whatever happens to the others (exit 1 if any failed).\n\n"
-                    "example: fintensor download AAPL MSFT 600519.SS --start 2024-01-01 --end 2024-06-30\n"
-                    "example: fintensor download SPY --interval 5m",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, common, "download", "download bars from Yahoo Finance into the store",
+                 "Download daily or intraday bars through yfinance. Only what the store lacks is requested; "
+                 "the same command twice requests nothing. Each symbol is reported ok, not found, rate-limited "
+                 "or failed; good symbols are stored whatever happens to the others (exit 1 if any failed).",
+                 "fintensor download AAPL MSFT 600519.SS --start 2024-01-01 --end 2024-06-30",
+                 "fintensor download SPY --interval 5m",
+                 usage="fintensor download SYMBOL... [--start DATE] [--end DATE] [--interval I] [options]")
     p.add_argument("symbols", nargs="+", metavar="SYMBOL",
-                   help="tickers in any common spelling: AAPL, BRK.B, 600519.SH, sh.600519, 000001.XSHE")
-    p.add_argument("--start", help="first session date, YYYY-MM-DD (default: full history / what is missing)")
-    p.add_argument("--end", help="last session date, inclusive (default: now)")
-    p.add_argument("--interval", default="1d", help=f"bar size: {', '.join(INTERVALS)} (default 1d)")
-    p.add_argument("--retries", type=int, default=5, help="retries per request on rate limits and network "
-                                                         "errors, with exponential backoff (default 5)")
-    p.add_argument("--max-wait", type=float, default=120.0,
-                   help="seconds of backoff waiting allowed in all (default 120)")
-    p.add_argument("--workers", type=int, default=4, help="symbols fetched at once (default 4)")
-    p.add_argument("--on-conflict", default="error",
-                   help="when rows disagree with the store: error (default), keep (stored wins) or overwrite")
+                   help="any common spelling: AAPL, BRK.B, 600519.SH, sh.600519, 000001.XSHE")
+    p.add_argument("--start", metavar="DATE", help="first session date (default: full history / what is missing)")
+    p.add_argument("--end", metavar="DATE", help="last session date, inclusive (default: now)")
+    p.add_argument("--interval", default="1d", help=f"{', '.join(INTERVALS)} (default 1d)")
+    _compact(p, "network",
+             ("--retries", dict(type=int, default=5, shown="--retries N")),
+             ("--max-wait", dict(type=float, default=120.0, shown="--max-wait SECONDS")),
+             ("--timeout", dict(type=float, default=10.0, shown="--timeout SECONDS")),
+             ("--workers", dict(type=int, default=4, shown="--workers N")))
+    p.add_argument("--on-conflict", default="error", metavar="error|keep|overwrite",
+                   help="rows that disagree with the store: error, keep the stored, or overwrite")
 
 
 def cmd_download(args) -> int:
@@ -72,7 +109,7 @@ def cmd_download(args) -> int:
 
     report = download(args.symbols, args.start, args.end, args.interval, store=_store(args),
                       retries=args.retries, max_wait=args.max_wait, workers=args.workers,
-                      on_conflict=args.on_conflict, quiet=args.quiet or args.json)
+                      timeout=args.timeout, on_conflict=args.on_conflict, quiet=args.quiet or args.json)
     _emit(args, report.to_dict(), report.table())
     report.raise_for_status()  # exit 1 when any symbol failed, 2 when Yahoo knows none of them
     return EXIT_OK
@@ -82,34 +119,33 @@ COMMANDS.append("download")
 
 
 def add_import(sub, common):
-    p = sub.add_parser(
-        "import", parents=[common], help="import CSV/zip/gz files of bars or ticks into the store",
-        description="Import vendor files (Yahoo, tushare, baostock, hikyuu, LEAN/AlgoSeek, zipline, Quandl, "
-                    "mplfinance, backtrader, or any CSV with a date and close/price column). The format, "
-                    "symbol, units and timezone are detected from the header and file name; the options "
-                    "override them. All files are checked before anything is written.\n\n"
-                    "example: fintensor import AAPL.csv data/*.csv.gz --store ./store\n"
-                    "example: fintensor import minute/spy/*_trade.zip --format lean_minute",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .sources.files import PRESET_NAMES
+
+    p = _command(sub, common, "import", "import CSV/zip/gz files of bars or ticks into the store",
+                 "Import vendor files (Yahoo, tushare, baostock, hikyuu, LEAN/AlgoSeek, zipline, Quandl, "
+                 "mplfinance, backtrader, or any CSV with a date and a close or price column). The format, "
+                 "symbol, units and timezone are detected from the header and the file name; the options "
+                 "override them. Every file is checked before anything is written.",
+                 "fintensor import AAPL.csv data/*.csv.gz --store ./store",
+                 "fintensor import minute/spy/*_trade.zip --format lean_minute",
+                 usage="fintensor import PATH... [--symbol S] [--format F] [--ticks] [options]")
     p.add_argument("paths", nargs="+", metavar="PATH", help="files, directories or glob patterns")
-    p.add_argument("--symbol", help="the symbol of one-symbol files without a symbol column")
-    p.add_argument("--format", help="vendor preset instead of auto-detection: yahoo, yfinance, tushare, baostock, "
-                                    "hikyuu_ticks, hikyuu_1min, lean_daily, lean_minute, lean_tick, lean_quote_tick, "
-                                    "zipline, quandl, mplfinance_intraday, backtrader, csv")
-    p.add_argument("--layout", default="auto",
-                   help="auto, long (a symbol column), wide (one column per symbol) or file (one symbol per file)")
-    p.add_argument("--field", default="close", help="the field a wide file holds (default close)")
+    p.add_argument("--symbol", help="symbol of one-symbol files without a symbol column")
+    p.add_argument("--format", metavar="F", help="a preset instead of detection: " + ", ".join(PRESET_NAMES))
     p.add_argument("--ticks", action="store_true", help="the rows are ticks (trades), not bars")
-    p.add_argument("--interval", help="bar interval (1d, 1m, 5m, ...) when it cannot be inferred")
-    p.add_argument("--tz", help="timezone of naive intraday times, e.g. America/New_York")
-    p.add_argument("--volume-unit", help="shares, lots (100 shares) or shares per unit")
-    p.add_argument("--amount-unit", help="currency, thousands or currency units per unit")
-    p.add_argument("--price-scale", help="divide prices by this (e.g. 10000 for deci-cents)")
-    p.add_argument("--adjustment", help="raw, split or full: the adjustment of the OHLC columns")
-    p.add_argument("--adjusted-as-of", help="the date adjusted prices refer to (YYYY-MM-DD)")
-    p.add_argument("--source", help="source label recorded in the manifest")
-    p.add_argument("--on-conflict", default="error",
-                   help="when rows disagree with the store: error (default), keep (stored wins) or overwrite")
+    p.add_argument("--on-conflict", default="error", metavar="error|keep|overwrite",
+                   help="rows that disagree with the store: error, keep the stored, or overwrite")
+    _compact(p, "layout and units (default: detected; see the README's table of formats)",
+             ("--layout", dict(default="auto", shown="--layout auto|long|wide|file")),
+             ("--field", dict(default="close", shown="--field F")),
+             ("--interval", dict(shown="--interval 1d|1m|...")),
+             ("--tz", dict(shown="--tz America/New_York")),
+             ("--volume-unit", dict(shown="--volume-unit shares|lots|N")),
+             ("--amount-unit", dict(shown="--amount-unit currency|thousands|N")),
+             ("--price-scale", dict(shown="--price-scale N")),
+             ("--adjustment", dict(shown="--adjustment raw|split|full")),
+             ("--adjusted-as-of", dict(shown="--adjusted-as-of DATE")),
+             ("--source", dict(shown="--source LABEL")))
 
 
 def cmd_import(args) -> int:
@@ -129,12 +165,11 @@ COMMANDS.append("import")
 
 # -------------------------------------------------------------------------------------------- cache
 def add_cache(sub, common):
-    p = sub.add_parser("cache", help="inspect and maintain the local store",
-                       description="What is cached, checks of every file, removal. Exit 1 when verify finds "
-                                   "a problem, 2 on bad input.\n\n"
-                                   "example: fintensor cache list --store ./store\n"
-                                   "example: fintensor cache verify --repair",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("cache", help="inspect and maintain the local store", formatter_class=_Formatter,
+                       description="What is cached, a check of every file, removal. Exit 1 when verify finds a "
+                                   "problem, 2 on bad input.\n\nexamples:\n  fintensor cache list --store ./store"
+                                   "\n  fintensor cache info 600519.SS\n  fintensor cache verify --repair"
+                                   "\n  fintensor cache rm AAPL --interval 1m")
     csub = p.add_subparsers(dest="cache_cmd", metavar="{list,info,verify,rm}", required=True)
     csub.add_parser("list", parents=[common], help="symbols, intervals, ranges, rows, sources")
     q = csub.add_parser("info", parents=[common], help="every manifest stored for a symbol")
@@ -196,15 +231,14 @@ COMMANDS.append("cache")
 
 # ========================================================================= section: build, show (tensors)
 def add_build(sub, common):
-    p = sub.add_parser(
-        "build", parents=[common], help="build a tensor from a recipe or flags",
-        description="Build a (time, stock, feature) tensor, or (day, tick, stock, feature) with --freq, from\n"
-                    "the store; a recipe's [source] (or --yahoo) imports or downloads what the store lacks.\n"
-                    "Without --out the tensor stays in the store's tensor cache (its path is printed).\n\n"
-                    "examples:\n  fintensor build datasets/story.toml --out story.safetensors\n"
-                    "  fintensor build --symbols AAPL MSFT --start 2015-01-01 --end 2016-12-31 "
-                    "--fields close volume --out us.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, common, "build", "build a tensor from a recipe or flags",
+                 "Build a (time, stock, feature) tensor, or (day, tick, stock, feature) with --freq, from the "
+                 "store; a recipe's [source] (or --yahoo) imports or downloads what the store lacks. Without "
+                 "--out the tensor stays in the store's tensor cache (its path is printed).",
+                 "fintensor build datasets/story.toml --out story.safetensors",
+                 "fintensor build --symbols AAPL MSFT --start 2015-01-01 --end 2016-12-31 --fields close volume "
+                 "--out us.safetensors",
+                 usage="fintensor build [RECIPE.toml | --symbols S... --start DATE --end DATE ...] [--out FILE]")
     p.add_argument("recipe", nargs="?", help="a recipe file (datasets/*.toml)")
     p.add_argument("--out", metavar="FILE", help="write the tensor here (safetensors)")
     p.add_argument("--no-cache", action="store_true", help="build afresh; do not read or write the tensor cache")
@@ -213,14 +247,15 @@ def add_build(sub, common):
     g.add_argument("--start", metavar="DATE")
     g.add_argument("--end", metavar="DATE")
     g.add_argument("--fields", nargs="+", metavar="FIELD", help="default: close (daily), price volume (ticks)")
-    g.add_argument("--interval", help="1d (default), 1m, ...; with --freq: tick or 1m")
     g.add_argument("--freq", help="tick slot length (3s, 1min): builds (day, tick, stock, feature)")
-    g.add_argument("--adjust", choices=("raw", "split", "full"))
-    g.add_argument("--calendar", help="XNYS, XSHG, ... or union (default: the symbols' own)")
-    g.add_argument("--fill", choices=("ffill",), help="carry prices over untraded sessions (mask stays False)")
-    g.add_argument("--fill-limit", type=int, metavar="N", help="at most N sessions")
-    g.add_argument("--dtype", choices=("float32", "float64"))
     g.add_argument("--yahoo", action="store_true", help="download what the store lacks from Yahoo")
+    _compact(p, "options (default: the symbols' own calendar, full adjustment, no fill, float32)",
+             ("--interval", dict(shown="--interval 1d|1m|tick")),
+             ("--adjust", dict(choices=("raw", "split", "full"))),
+             ("--calendar", dict(shown="--calendar XNYS|XSHG|union")),
+             ("--fill", dict(choices=("ffill",))),
+             ("--fill-limit", dict(type=int, shown="--fill-limit N")),
+             ("--dtype", dict(choices=("float32", "float64"))))
 
 
 _BUILD_FLAGS = ("symbols", "start", "end", "fields", "interval", "freq", "adjust", "calendar", "fill",
@@ -256,11 +291,10 @@ def cmd_build(args) -> int:
 
 
 def add_show(sub, common):
-    p = sub.add_parser("show", parents=[common], help="summary and a small preview of a saved tensor",
-                       description="Print dims, shape, coordinate ranges, dtype, observed share, meta and the\n"
-                                   "first and last rows (the file is memory-mapped, never read whole).\n\n"
-                                   "example: fintensor show story.safetensors",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, common, "show", "summary and a small preview of a saved tensor",
+                 "Print dims, shape, coordinate ranges, dtype, observed share, meta and the first and last rows "
+                 "(the file is memory-mapped, never read whole).",
+                 "fintensor show story.safetensors")
     p.add_argument("file", help="a tensor written by fintensor build --out or StockTensor.save")
     p.add_argument("--rows", type=int, default=5, metavar="N", help="rows shown at each end (default 5)")
 
@@ -305,59 +339,57 @@ def _segments(args):
 
 
 def add_train(sub, common):
-    p = sub.add_parser(
-        "train", parents=[common], help="train a sequence model on a tensor",
-        description="Train a model on a tensor file (from `fintensor build`): features are computed from it\n"
-                    "(--features, default alpha158) and labelled with its forward returns (--horizon, --lag)\n"
-                    "unless --labels is given. Writes DIR/checkpoint.safetensors and DIR/metrics.csv.\n"
-                    "Several GPUs: torchrun --nproc_per_node=N -m fintensor.cli train ...\n\n"
-                    "example: fintensor train us.safetensors --out run --model lstm --lookback 20 "
-                    "--train 2013-01-01 2015-12-31 --valid 2016-01-01 2016-06-30 --test 2016-07-01 2017-12-01",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, common, "train", "train a sequence model on a tensor",
+                 "Train a model on a tensor file (from `fintensor build`): features are computed from it "
+                 "(--features, default alpha158) and labelled with its forward returns (--horizon, --lag) "
+                 "unless --labels is given. Writes DIR/checkpoint.safetensors and DIR/metrics.csv. Several "
+                 "GPUs: torchrun --nproc_per_node=N -m fintensor.cli train ...",
+                 "fintensor train us.safetensors --out run --model gru --epochs 10 --split 0.6 0.2 0.2",
+                 "fintensor train us.safetensors --out run --train 2013-01-01 2015-12-31 "
+                 "--valid 2016-01-01 2016-06-30 --test 2016-07-01 2017-12-01",
+                 usage="fintensor train DATA --out DIR [--model M] [--epochs N] [segments] [options]")
     p.add_argument("data", help="a tensor file (time, stock, feature)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoint, metrics.csv)")
-    p.add_argument("--labels", metavar="FILE", help="a (time, stock) label tensor (default: forward returns)")
-    p.add_argument("--features", default="alpha158", metavar="SPEC",
-                   help="alpha158 (default), alpha360, or none (DATA already holds the features)")
-    p.add_argument("--horizon", type=int, default=1, help="label: return over this many steps (default 1)")
-    p.add_argument("--lag", type=int, default=1, help="label: starting this many steps after t (default 1)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.safetensors")
+    p.add_argument("--model", default="lstm", help="linear, mlp, lstm (default), gru, alstm, transformer, tcn")
+    p.add_argument("--epochs", type=int, default=20, help="(default 20)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="(default 0; a CPU run is bit-reproducible)")
     g = p.add_argument_group("segments (inclusive dates; default --split 0.6 0.2 0.2)")
     for name in ("train", "valid", "test"):
         g.add_argument(f"--{name}", nargs=2, metavar=("START", "END"))
     g.add_argument("--split", nargs="+", type=float, metavar="FRACTION")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="lstm", help="linear, mlp, lstm (default), gru, alstm, transformer, tcn")
-    g.add_argument("--lookback", type=int, default=20)
-    g.add_argument("--hidden", type=int, default=64)
-    g.add_argument("--layers", type=int, default=2)
-    g.add_argument("--dropout", type=float, default=0.0)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=20)
-    g.add_argument("--batch-size", type=int, default=800)
-    g.add_argument("--batching", choices=("random", "day"))
-    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--nesterov", action="store_true")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    g.add_argument("--loss", choices=("mse", "ic"), default="mse")
-    g.add_argument("--metric", choices=("ic", "rank_ic", "loss"), default="ic", help="early stopping metric")
-    g.add_argument("--patience", type=int, default=5)
-    g = p.add_argument_group("normalisation and missing values")
-    g.add_argument("--missing", choices=("drop", "zero"), default="drop")
-    g.add_argument("--cs-norm", choices=("zscore", "rank", "none"), default="none")
-    g.add_argument("--feature-norm", choices=("zscore", "robust", "none"), default="zscore")
-    g.add_argument("--label-norm", choices=("zscore", "rank", "none"), default="zscore")
-    g.add_argument("--clip", type=float, default=3.0, help="clip normalised features to +-CLIP (0: no clip)")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.safetensors")
+    _compact(p, "data",
+             ("--labels", dict(shown="--labels FILE")),
+             ("--features", dict(default="alpha158", shown="--features alpha158|alpha360|none")),
+             ("--horizon", dict(type=int, default=1, shown="--horizon N")),
+             ("--lag", dict(type=int, default=1, shown="--lag N")),
+             ("--missing", dict(choices=("drop", "zero"), default="drop")),
+             ("--cs-norm", dict(choices=("zscore", "rank", "none"), default="none")),
+             ("--feature-norm", dict(choices=("zscore", "robust", "none"), default="zscore")),
+             ("--label-norm", dict(choices=("zscore", "rank", "none"), default="zscore")),
+             ("--clip", dict(type=float, default=3.0, shown="--clip C")))
+    _compact(p, "model",
+             ("--lookback", dict(type=int, default=20, shown="--lookback N")),
+             ("--hidden", dict(type=int, default=64, shown="--hidden N")),
+             ("--layers", dict(type=int, default=2, shown="--layers N")),
+             ("--dropout", dict(type=float, default=0.0, shown="--dropout P")))
+    _compact(p, "optimisation (0 turns --clip/--clip-grad off; --lr defaults by optimizer)",
+             ("--batch-size", dict(type=int, default=800, shown="--batch-size B")),
+             ("--batching", dict(choices=("random", "day"))),
+             ("--optimizer", dict(choices=("sgd", "adam", "adamw"), default="sgd")),
+             ("--lr", dict(type=float, shown="--lr LR")),
+             ("--momentum", dict(type=float, default=0.9, shown="--momentum M")),
+             ("--nesterov", dict(action="store_true")),
+             ("--weight-decay", dict(type=float, default=0.0, shown="--weight-decay W")),
+             ("--schedule", dict(choices=("cosine", "constant"), default="cosine")),
+             ("--warmup-steps", dict(type=int, default=0, shown="--warmup-steps N")),
+             ("--clip-grad", dict(type=float, default=1.0, shown="--clip-grad G")),
+             ("--loss", dict(choices=("mse", "ic"), default="mse")),
+             ("--metric", dict(choices=("ic", "rank_ic", "loss"), default="ic")),
+             ("--patience", dict(type=int, default=5, shown="--patience N")),
+             ("--no-bf16", dict(action="store_true")),
+             ("--compile", dict(action="store_true")))
 
 
 _TRAIN_FLAGS = ("horizon", "lag", "model", "lookback", "hidden", "layers", "dropout", "epochs", "batch_size",
@@ -391,16 +423,14 @@ def cmd_train(args) -> int:
 
 
 def add_predict(sub, common):
-    p = sub.add_parser("predict", parents=[common], help="score a tensor with a trained model",
-                       description="Score every (time, stock) of DATA that has a full window with the model in\n"
-                                   "CHECKPOINT (its features are recomputed from DATA the way it was trained).\n\n"
-                                   "example: fintensor predict run/checkpoint.safetensors us.safetensors "
-                                   "--out pred.safetensors",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, common, "predict", "score a tensor with a trained model",
+                 "Score every (time, stock) of DATA that has a full window with the model in CHECKPOINT (its "
+                 "features are recomputed from DATA the way it was trained).",
+                 "fintensor predict run/checkpoint.safetensors us.safetensors --out pred.safetensors")
     p.add_argument("checkpoint", help="a checkpoint file or run directory")
     p.add_argument("data", help="a tensor file like the one the model was trained on")
     p.add_argument("--out", required=True, metavar="FILE", help="write the (time, stock) scores here")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
 
 
 def _features_for(checkpoint: str, data_path: str):
@@ -426,24 +456,23 @@ def cmd_predict(args) -> int:
 
 
 def add_evaluate(sub, common):
-    p = sub.add_parser(
-        "evaluate", parents=[common], help="IC, Rank IC, long-short, turnover of predictions",
-        description="Per-day IC / Rank IC against the raw forward return, ICIR, long-short return of the top\n"
-                    "vs bottom quantile (halved, like qlib), its annualised return and Sharpe, top-quantile\n"
-                    "turnover and prediction autocorrelation. Several inputs (e.g. seeds): one column each\n"
-                    "plus mean and std. Inputs are prediction files or checkpoints (scored on --data).\n\n"
-                    "example: fintensor evaluate run_s0 run_s1 run_s2 --data us.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, common, "evaluate", "IC, Rank IC, long-short, turnover of predictions",
+                 "Per-day IC / Rank IC against the raw forward return, ICIR, long-short return of the top vs "
+                 "bottom quantile (halved, like qlib), its annualised return and Sharpe, top-quantile turnover "
+                 "and prediction autocorrelation. Several inputs (e.g. seeds): one column each plus mean and "
+                 "std. Inputs are prediction files, or checkpoints scored on --data.",
+                 "fintensor evaluate run_s0 run_s1 run_s2 --data us.safetensors",
+                 usage="fintensor evaluate PRED_OR_CHECKPOINT... (--data FILE | --labels FILE) [options]")
     p.add_argument("inputs", nargs="+", metavar="PRED_OR_CHECKPOINT")
     p.add_argument("--data", metavar="FILE", help="tensor with 'close' (labels; scoring checkpoints)")
     p.add_argument("--labels", metavar="FILE", help="a (time, stock) forward-return tensor instead of --data")
     p.add_argument("--segment", choices=("train", "valid", "test", "all"),
                    help="dates to evaluate (default: the model's test segment, else all)")
-    p.add_argument("--start", metavar="DATE")
-    p.add_argument("--end", metavar="DATE")
-    p.add_argument("--quantile", type=float, default=0.2)
-    p.add_argument("--periods-per-year", type=float, default=252)
-    p.add_argument("--device", default="auto")
+    _compact(p, "options",
+             ("--start", dict(shown="--start DATE")), ("--end", dict(shown="--end DATE")),
+             ("--quantile", dict(type=float, default=0.2, shown="--quantile Q")),
+             ("--periods-per-year", dict(type=float, default=252, shown="--periods-per-year N")),
+             ("--device", dict(default="auto", shown="--device D")))
 
 
 def _scores(path: str, args):
@@ -516,22 +545,20 @@ COMMANDS.extend(["train", "predict", "evaluate"])
 
 # ================================================================================= section: demo
 def add_demo(sub, common):
-    p = sub.add_parser(
-        "demo", parents=[common], help="run the whole pipeline offline: store, tensors, features, LSTM, IC",
-        description="The whole pipeline in about a minute, offline: a synthetic market with a planted signal "
-                    "(or your CSV files) -> store -> 0D..4D tensors -> rolling features -> windows -> a small "
-                    "LSTM -> IC / Rank IC / long-short, with a timing per stage and five PNG figures in --out. "
-                    "Exit 0 only when every stage succeeded.\n\n"
-                    "example: fintensor demo\n"
-                    "example: fintensor demo --from ../shared/data/cn_daily/baostock_qfq/panel_2018-01_2020-08 "
-                    "--from ../shared/data/cn_intraday_tick/hikyuu --out demo_cn",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, common, "demo", "run the whole pipeline offline: store, tensors, features, LSTM, IC",
+                 "The whole pipeline in about a minute, offline: a synthetic market with a planted signal (or "
+                 "your CSV files) -> store -> 0D..4D tensors -> rolling features -> windows -> a small LSTM -> "
+                 "IC / Rank IC / long-short, with a timing per stage and five PNG figures in --out. Exit 0 only "
+                 "when every stage succeeded.",
+                 "fintensor demo",
+                 "fintensor demo --from ../shared/data/cn_daily/baostock_qfq/panel_2018-01_2020-08 "
+                 "--from ../shared/data/cn_intraday_tick/hikyuu --out demo_cn")
     p.add_argument("--from", dest="sources", action="append", metavar="PATH",
-                   help="a folder (or file) of daily CSV bars instead of the synthetic market; repeat it to add "
-                        "tick files for the 4D stage (default: synthetic ticks)")
-    p.add_argument("--out", default="demo_out", metavar="DIR", help="where the figures, the model run and "
-                                                                    "(unless --store) the store go (default demo_out)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic market and of training (default 0)")
+                   help="a folder (or file) of daily CSV bars instead of the synthetic market; repeat it to "
+                        "add tick files for the 4D stage (default: synthetic ticks)")
+    p.add_argument("--out", default="demo_out", metavar="DIR",
+                   help="figures, the model run and (unless --store) the store (default demo_out)")
+    p.add_argument("--seed", type=int, default=0, help="of the synthetic market and of training (default 0)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 5)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--quick", action="store_true", help="a smaller market and model (for tests)")
@@ -570,12 +597,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="machine-readable output")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     parser = argparse.ArgumentParser(
-        prog="fintensor",
-        description="Market data as labeled 0D-4D tensors: download or import into a Parquet store, build "
-                    "tensors, compute rolling features, train sequence models.\n\n"
+        prog="fintensor", formatter_class=_Formatter,
+        description="Market data as labeled 0D-4D tensors: download or import into a Parquet store, build\n"
+                    "tensors, compute rolling features, train sequence models. `fintensor COMMAND --help` for more.\n\n"
                     "exit codes: 0 ok, 1 failure or partial failure, 2 bad input",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: fintensor demo --out demo_out",
+        epilog="examples:\n"
+               "  fintensor demo                                      # the whole pipeline, offline\n"
+               "  fintensor import ../shared/data/us_daily/sp500_5yr_yahoo --store ./store\n"
+               "  fintensor build datasets/us_daily_panel.toml --store ./store --out us.safetensors\n"
+               "  fintensor train us.safetensors --out run --model lstm --epochs 5\n"
+               "  fintensor evaluate run --data us.safetensors",
     )
     from . import __version__
 

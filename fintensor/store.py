@@ -733,7 +733,11 @@ class Store:
         return out
 
     def coverage(self, symbol: str, interval: str = "1d") -> tuple[str, str] | None:
-        """(first, last) session date stored for ``symbol`` at ``interval``, or None."""
+        """(first, last) session date stored for ``symbol`` at ``interval`` ('tick' for ticks), or None."""
+        if str(interval).lower() in ("tick", "ticks"):
+            base = self.partition_dir(symbol, kind="ticks")
+            days = sorted(p.parent.name[5:] for p in base.glob("date=*/_manifest.json")) if base.exists() else []
+            return (days[0], days[-1]) if days else None
         m = self.manifest(symbol, interval)
         if m is None:
             return None

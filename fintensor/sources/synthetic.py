@@ -232,6 +232,8 @@ class SyntheticMarket:
                     "date": dates[lo:hi], **{k: cols[k] for k in ("open", "high", "low", "close")},
                     "adj_close": cols["close"], "volume": cols["volume"], "amount": cols["amount"],
                     "trade_status": pa.array(cols["trade_status"], pa.int8()),
+                    # known to have no corporate actions, so every adjustment (raw/split/full) can be built
+                    "dividend": np.zeros(hi - lo), "split": np.ones(hi - lo),
                 })
                 store.write_bars(sym, table, interval="1d", source=SOURCE, adjustment="raw",
                                  timezone=self.timezone, units={"volume": "shares", "price_scale": 1})
@@ -454,7 +456,8 @@ def ticks(source: SyntheticMarket | int | Sequence[str] = 50, days: int | Sequen
             start, n_days = wanted[0], len(calendars.sessions(cal, wanted[0], wanted[-1]))
         else:
             n_days = _check("days", days, 1, 10_000, integer=True)
-        mkt = market(n, n_days, start, seed, cal, listing_fraction=0, delisting_fraction=0, suspension_rate=0)
+        mkt = market(n, max(n_days, 2), start, seed, cal,  # a market needs 2 sessions; ticks may want 1
+                     listing_fraction=0, delisting_fraction=0, suspension_rate=0)
         if names is not None:
             mkt.symbols = names
     if wanted is not None:

@@ -155,8 +155,8 @@ class DownloadReport:
 # ---------------------------------------------------------------------------------------------- API
 def download(symbols: str | Iterable[str], start=None, end=None, interval: str = "1d", *,
              store: Store | str | None = None, retries: int = 5, max_wait: float = 120.0,
-             workers: int = 4, on_conflict: str = "error", quiet: bool = False,
-             sleep: Callable[[float], None] = time.sleep,
+             workers: int = 4, timeout: float = REQUEST_TIMEOUT, on_conflict: str = "error",
+             quiet: bool = False, sleep: Callable[[float], None] = time.sleep,
              clock: Callable[[], float] = time.monotonic) -> DownloadReport:
     """Download Yahoo bars for ``symbols`` into the store; only what the store lacks is requested.
 
@@ -165,13 +165,16 @@ def download(symbols: str | Iterable[str], start=None, end=None, interval: str =
     of it, up to now; intraday: as far back as Yahoo serves). ``interval``: 1d or 1m/2m/5m/15m/30m/60m/90m.
     ``retries``/``max_wait``: per request, retry rate limits and transient errors up to ``retries`` times
     with exponential backoff and jitter, waiting at most ``max_wait`` seconds in all. ``workers``: symbols
-    fetched at once. ``on_conflict``: as in ``Store.write_bars``. ``quiet``: no progress bar (it shows only
+    fetched at once. ``timeout``: seconds per request. ``on_conflict``: as in ``Store.write_bars``. ``quiet``: no progress bar (it shows only
     on a terminal). ``sleep``/``clock``: injectable for tests.
 
     Bad input raises BadInputError before any request; failures of single symbols are only reported:
     check ``report.ok`` or call ``report.raise_for_status()``.
     """
     pairs, request = _check(symbols, start, end, interval, retries, max_wait, workers, on_conflict)
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise BadInputError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    request = dataclasses.replace(request, timeout=float(timeout))
     store = store if isinstance(store, Store) else Store(store)
     jobs = [_plan(store, sym, alias, request) for sym, alias in pairs]
     backoff = _Backoff(retries, max_wait, sleep, clock)
@@ -201,6 +204,7 @@ class _Request:
     end: dt.date | None
     now: pd.Timestamp  # UTC
     floor: dt.date | None = None  # intraday: the first day Yahoo still serves
+    timeout: float = REQUEST_TIMEOUT  # seconds per request
 
     @property
     def daily(self) -> bool:
@@ -450,7 +454,7 @@ def _request(ticker, job: _Job, lo: pd.Timestamp, hi: pd.Timestamp, req: _Reques
         try:
             return ticker.history(start=lo.to_pydatetime(), end=hi.to_pydatetime(), interval=req.interval,
                                   auto_adjust=False, actions=True, prepost=False, repair=False, keepna=False,
-                                  timeout=REQUEST_TIMEOUT)
+                                  timeout=req.timeout)
         except Exception as exc:
             from yfinance.exceptions import YFPricesMissingError
 
