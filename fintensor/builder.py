@@ -63,18 +63,6 @@ def _field_list(fields, allowed: Sequence[str]) -> list[str]:
     return raw
 
 
-def _date(x, what: str) -> dt.date:
-    import pandas as pd
-
-    try:
-        ts = pd.Timestamp(x)
-    except (ValueError, TypeError):
-        ts = pd.NaT
-    if ts is pd.NaT:
-        raise BadInputError(f"cannot read {what} {x!r} as a date; write it as YYYY-MM-DD")
-    return ts.date()
-
-
 def _calendar_for(syms: list[str], calendar: str | None, allow_union: bool = True) -> tuple[str, list[str]]:
     """The calendar name to build on ('union' allowed) and the symbols' own calendars."""
     own = _calendars.for_symbols(syms)
@@ -225,7 +213,7 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
         raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(ADJUSTMENTS)}")
     fill_spec = _parse_fill(fill)
     tdtype = _torch_dtype(dtype)
-    lo, hi = _date(start, "start"), _date(end, "end")
+    lo, hi = _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
     if intraday:
         if fill_spec is not None:
             raise BadInputError("fill applies to daily builds; intraday 'price' is already carried within "
@@ -247,7 +235,7 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
         limit = fill_spec[1]
         first = min(m["start"][:10] for m in manifests.values()) if limit is None else \
             lo - dt.timedelta(days=2 * limit + 14)
-        read_days = _sessions(cal, own, min(_date(first, "start"), lo), hi)
+        read_days = _sessions(cal, own, min(_calendars.parse_date(first, "start"), lo), hi)
     return _cached(store, request, cache,
                    lambda: _build_daily(store, syms, manifests, read_days, fields, cal, adjust, fill_spec, tdtype,
                                         request["fingerprint"], keep_from=len(read_days) - len(days)))
@@ -433,7 +421,7 @@ def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
     fields = _field_list(fields, TICK_FIELDS)
     freq_s = _freq_seconds(freq)
     tdtype = _torch_dtype(dtype)
-    lo, hi = _date(start, "start"), _date(end, "end")
+    lo, hi = _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
     cal, own = _calendar_for(syms, calendar, allow_union=False)
     days = _sessions(cal, own, lo, hi)
     segs = _calendars.segments(cal, days)                              # (D, S, 2) UTC ns

@@ -1,6 +1,8 @@
 """Trading calendars (exchange_calendars): the time axis is the exchange's sessions, not whatever rows exist."""
 from __future__ import annotations
 
+import datetime as dt
+import warnings
 from functools import lru_cache
 from typing import Iterable
 
@@ -38,10 +40,27 @@ def get(name: str):
     import exchange_calendars as xc
 
     key = resolve(name)
+    with warnings.catch_warnings():  # pandas deprecation notices raised inside exchange_calendars itself
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return xc.get_calendar(key, start=_EARLIEST)
+        except Exception:  # some calendars refuse early starts; their default range still works
+            return xc.get_calendar(key)
+
+
+def parse_date(value, what: str = "") -> dt.date:
+    """A session date from a string, date, datetime, numpy or pandas timestamp; BadInputError if it is none."""
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
     try:
-        return xc.get_calendar(key, start=_EARLIEST)
-    except Exception:  # some calendars refuse early starts; their default range still works
-        return xc.get_calendar(key)
+        ts = pd.Timestamp(value if isinstance(value, (np.datetime64, pd.Timestamp)) else str(value))
+    except (ValueError, TypeError, OverflowError):
+        ts = pd.NaT
+    if ts is pd.NaT:
+        raise BadInputError(f"cannot read {what + ' ' if what else ''}{value!r} as a date; write it as YYYY-MM-DD")
+    return ts.date()
 
 
 def for_symbols(symbols: Iterable[str]) -> list[str]:

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import symbols as _symbols
+from .calendars import parse_date
 from .errors import BadInputError, ConflictError, MissingDataError, StoreCorruptError
 
 FORMAT_VERSION = 1
@@ -1058,22 +1059,9 @@ def _date_range(start, end) -> tuple[dt.date | None, dt.date | None]:
     return lo, hi
 
 
-def _date_bound(x) -> dt.date | None:
-    """A start/end bound as a date, or BadInputError saying what was wrong with it."""
-    if x is None:
-        return None
-    if isinstance(x, dt.datetime):
-        return x.date()
-    if isinstance(x, dt.date):
-        return x
-    import pandas as pd
-
-    if isinstance(x, (np.datetime64, pd.Timestamp)):
-        return pd.Timestamp(x).date()
-    try:
-        return pd.Timestamp(str(x)).date()
-    except (ValueError, TypeError):
-        raise BadInputError(f"cannot read {x!r} as a date; write it as YYYY-MM-DD") from None
+def _date_bound(x, what: str = "") -> dt.date | None:
+    """A start/end bound as a date (None: unbounded), or BadInputError saying what was wrong with it."""
+    return None if x is None else parse_date(x, what)
 
 
 def _part_overlaps(p: dict, lo: dt.date | None, hi: dt.date | None, kind: str) -> bool:

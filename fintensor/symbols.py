@@ -101,28 +101,27 @@ def normalize(symbol: str) -> str:
     return up
 
 
+def _venue(symbol: str) -> tuple[str, str]:
+    """(exchange_calendars name, IANA timezone) of a symbol: its Yahoo suffix, else FX/crypto, else US."""
+    sym = normalize(symbol)
+    suffix = sym.rsplit(".", 1)[1] if "." in sym else ""
+    if suffix in _SUFFIX:
+        return _SUFFIX[suffix]
+    if sym.endswith("=X"):
+        return "24/5", "UTC"
+    if sym.endswith("-USD"):
+        return "24/7", "UTC"
+    return "XNYS", "America/New_York"
+
+
 def exchange(symbol: str) -> str:
     """The exchange_calendars name whose sessions this symbol trades on (US listings: XNYS)."""
-    sym = normalize(symbol)
-    if "." in sym:
-        suffix = sym.rsplit(".", 1)[1]
-        if suffix in _SUFFIX:
-            return _SUFFIX[suffix][0]
-    if sym.endswith("=X") or sym.endswith("-USD"):
-        return "24/7" if sym.endswith("-USD") else "24/5"
-    return "XNYS"
+    return _venue(symbol)[0]
 
 
 def timezone(symbol: str) -> str:
     """The exchange's IANA timezone, in which daily session dates are local."""
-    sym = normalize(symbol)
-    if "." in sym:
-        suffix = sym.rsplit(".", 1)[1]
-        if suffix in _SUFFIX:
-            return _SUFFIX[suffix][1]
-    if sym.endswith("=X") or sym.endswith("-USD"):
-        return "UTC"
-    return "America/New_York"
+    return _venue(symbol)[1]
 
 
 def path_segment(symbol: str) -> str:

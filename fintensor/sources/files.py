@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .. import symbols as _symbols
+from ..calendars import parse_date
 from ..errors import BadInputError, ConflictError
 from ..store import (DAILY_SCHEMA, NONNEGATIVE, SCHEMAS, Store, WriteResult, _merge_tables, conform,
                      interval_kind, parse_interval)
@@ -282,10 +283,7 @@ class _Options:
 
 
 def _iso_date(value, what: str) -> str:
-    try:
-        return pd.Timestamp(str(value)).date().isoformat()
-    except (ValueError, TypeError):
-        raise BadInputError(f"{what}: cannot read {value!r} as a date; write it as YYYY-MM-DD") from None
+    return parse_date(value, what).isoformat()
 
 
 # ---------------------------------------------------------------------------------------- reading

@@ -253,10 +253,7 @@ def _suffix(calendar: str) -> str:
 
 
 def _day(value, name: str) -> np.datetime64:
-    try:
-        return np.datetime64(pd.Timestamp(value), "D")
-    except (ValueError, TypeError):
-        raise BadInputError(f"cannot read {name} {value!r} as a date; write it as YYYY-MM-DD") from None
+    return np.datetime64(calendars.parse_date(value, name), "D")
 
 
 def _sessions(calendar: str, start, n_days: int) -> np.ndarray:
