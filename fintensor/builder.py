@@ -131,7 +131,7 @@ def _parse_fill(fill) -> tuple[str, int | None] | None:
 
 def _missing_error(store: Store, missing: list[str], what: str, start, end) -> MissingDataError:
     names = " ".join(missing)
-    how = (f"`fintensor import FILE --ticks`" if what == "ticks" else
+    how = ("`fintensor import FILE --ticks`" if what == "ticks" else
            f"`fintensor download {names} --start {start} --end {end}"
            f"{'' if what == '1d' else f' --interval {what}'}` or `fintensor import FILE`")
     return MissingDataError(f"the store at {store.root} has no {what if what == 'ticks' else what + ' bars'} "

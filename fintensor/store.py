@@ -374,8 +374,11 @@ class Store:
     def write_bars(self, symbol: str, data, *, interval: str = "1d", source: str,
                    adjustment: str = "raw", adjusted_as_of: str | None = None,
                    timezone: str | None = None, units: dict | None = None,
-                   on_conflict: str = "error", alias: str | None = None) -> WriteResult:
+                   on_conflict: str = "error", alias: str | None = None, dry_run: bool = False) -> WriteResult:
         """Merge bars into ``symbol``'s partition: de-duplicate, keep sorted, report conflicts.
+
+        ``dry_run=True`` raises whatever the write would raise and returns what it would do, writing nothing
+        (callers that write many partitions check them all first, so bad input anywhere writes nothing).
 
         ``on_conflict``: "error" (default: raise ConflictError and write nothing), "keep" (stored
         values win) or "overwrite" (new values win; also replaces a partition of another adjustment).
@@ -395,8 +398,10 @@ class Store:
         meta = dict(kind=kind, symbol=sym, interval=interval, source=source, adjustment=adjustment,
                     adjusted_as_of=adjusted_as_of, timezone=tz,
                     units=units or {"volume": "shares", "price_scale": 1})
+        pdir = self.partition_dir(sym, interval)
+        if dry_run:
+            return self._plan(pdir, table, meta, on_conflict).result
         with self.lock():
-            pdir = self.partition_dir(sym, interval)
             result = self._commit(pdir, self._plan(pdir, table, meta, on_conflict))
             if alias:
                 self._record_alias(alias, sym)
@@ -404,8 +409,12 @@ class Store:
 
     def write_ticks(self, symbol: str, data, *, source: str, timezone: str | None = None,
                     units: dict | None = None, on_conflict: str = "error",
-                    alias: str | None = None) -> list[WriteResult]:
-        """Merge tick records into per-(symbol, local date) partitions; a conflict on any day writes no day."""
+                    alias: str | None = None, dry_run: bool = False) -> list[WriteResult]:
+        """Merge tick records into per-(symbol, local date) partitions; a conflict on any day writes no day.
+
+        Records are keyed by (time, seq): a new record whose key is stored with other fields filled (quotes
+        after trades, say) is a different record and raises ConflictError rather than fusing the two.
+        """
         sym = _symbols.normalize(symbol)
         _check_on_conflict(on_conflict)
         tz = timezone or _symbols.timezone(sym)
@@ -413,13 +422,17 @@ class Store:
         days = _local_dates(table.column("time"), tz)
         meta = dict(kind="ticks", symbol=sym, interval="tick", source=source, adjustment="raw",
                     adjusted_as_of=None, timezone=tz, units=units or {"volume": "shares", "price_scale": 1})
-        with self.lock():
-            plans = []
-            for day in np.unique(days):  # check every day before writing any
+        def plan_every_day():  # check every day before writing any
+            for day in np.unique(days):
                 d = dt.date(1970, 1, 1) + dt.timedelta(days=int(day))
                 pdir = self.partition_dir(sym, date=d, kind="ticks")
-                plans.append((pdir, self._plan(pdir, table.filter(pa.array(days == day)),
-                                               dict(meta, date=d.isoformat()), on_conflict)))
+                yield pdir, self._plan(pdir, table.filter(pa.array(days == day)), dict(meta, date=d.isoformat()),
+                                       on_conflict)
+
+        if dry_run:
+            return [plan.result for _, plan in plan_every_day()]
+        with self.lock():
+            plans = list(plan_every_day())
             results = [self._commit(pdir, plan) for pdir, plan in plans]
             if alias:
                 self._record_alias(alias, sym)
@@ -440,7 +453,8 @@ class Store:
             raise ConflictError(
                 f"{label}: the store holds {f} {old.get(f)!r} (source {old.get('source')}), the new rows are "
                 f"{meta.get(f)!r}; nothing was written. Remove the stored data first "
-                f"(fintensor cache rm {meta['symbol']}) or pass on_conflict='overwrite'")
+                f"(fintensor cache rm {meta['symbol']}) or pass on_conflict='overwrite' (CLI: --on-conflict "
+                "overwrite)")
         if differs:  # overwrite across adjustments/timezones: the new rows replace the partition
             result.added = table.num_rows
             return _Plan(result, meta, old, [], table)
@@ -450,6 +464,11 @@ class Store:
         existing = self._read_parts(pdir, old["parts"], kind=kind)
         merged, stats = _merge_tables(existing, table, kind, on_conflict, label)
         result.added, result.updated, result.unchanged, result.conflicts = stats
+        if kind == "ticks" and result.updated > (result.conflicts if on_conflict == "overwrite" else 0):
+            raise ConflictError(
+                f"{label}: {result.updated} new tick(s) share (time, seq) with stored ticks that have other fields "
+                "(e.g. quotes after trades); import a day's trades and quotes together in one call, or remove "
+                f"the stored day first (fintensor cache rm {meta['symbol']} --interval tick)")
         if result.added == 0 and result.updated == 0:
             result.noop = True
             return _Plan(result, meta, old, list(old["parts"]), None)

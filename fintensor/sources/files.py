@@ -25,8 +25,8 @@ import pyarrow as pa
 
 from .. import symbols as _symbols
 from ..calendars import parse_date
-from ..errors import BadInputError, ConflictError
-from ..store import (DAILY_SCHEMA, NONNEGATIVE, SCHEMAS, Store, WriteResult, _merge_tables, conform,
+from ..errors import BadInputError
+from ..store import (DAILY_SCHEMA, NONNEGATIVE, SCHEMAS, Store, WriteResult, conform,
                      interval_kind, parse_interval)
 
 MAX_LINE_BYTES = 1 << 16
@@ -206,8 +206,8 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
     st = store if isinstance(store, Store) else Store(store)
     pieces = [piece for path in _expand(paths) for piece in _parse_file(path, opts)]
     jobs = _group(pieces, opts)
-    unchanged = [_precheck(st, job, opts.on_conflict) for job in jobs]  # check all before writing any
-    return ImportReport([_write(st, job, opts.on_conflict, n) for job, n in zip(jobs, unchanged)], str(st.root))
+    planned = [_store_write(st, job, opts.on_conflict, dry_run=True) for job in jobs]  # all checked before any write
+    return ImportReport([_write(st, job, opts.on_conflict, p) for job, p in zip(jobs, planned)], str(st.root))
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -974,68 +974,28 @@ def _to_arrow(frame: dict, kind: str) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def _precheck(store: Store, job: _Job, on_conflict: str) -> int | None:
-    """Raise now what the write would raise later, so a multi-file import writes all or nothing.
-
-    Returns the number of unchanged rows when writing would change nothing (a re-import), else None.
-    """
+def _store_write(store: Store, job: _Job, on_conflict: str, dry_run: bool) -> list[WriteResult]:
+    """One job through the store: ``dry_run`` raises what the write would raise and writes nothing."""
     first = job.pieces[0]
-    parts = _tick_days(job) if job.kind == "ticks" else [(None, job.table)]
-    unchanged, noop = 0, True
-    for day, table in parts:
-        man = store.manifest(job.symbol, job.interval, date=day)
-        if man is None or on_conflict == "overwrite":  # overwrite: the new rows win whatever is stored
-            noop = False
-            continue
-        tz = first.timezone or _symbols.timezone(job.symbol)
-        _same_meta(man, job, "raw" if day else first.adjustment, tz)
-        if day is None:
-            stored = store.read_partition(job.symbol, job.interval)
-        else:
-            stored = store.read_ticks(job.symbol, day, day).drop_columns(["symbol", "date"])
-        label = f"{job.symbol} {day or job.interval}"
-        _, (added, updated, same, _) = _merge_tables(stored, table, job.kind, on_conflict, label)
-        if day is not None and updated:  # would fill stored records' empty fields: different records at (time, seq)
-            raise ConflictError(
-                f"{label}: {updated} new tick(s) share (time, seq) with stored ticks that have other fields "
-                "(e.g. quotes after trades); import a day's trades and quotes together in one call, or remove "
-                f"the stored day first (fintensor cache rm {job.symbol} --interval tick)")
-        noop &= added == updated == 0
-        unchanged += same
-    return unchanged if noop else None
+    common = dict(source=job.source, units=first.units, on_conflict=on_conflict, alias=_alias(job),
+                  dry_run=dry_run)
+    if job.kind == "ticks":
+        return store.write_ticks(job.symbol, job.table, timezone=first.timezone, **common)
+    return [store.write_bars(job.symbol, job.table, interval=job.interval, adjustment=first.adjustment,
+                             adjusted_as_of=job.adjusted_as_of, timezone=first.timezone, **common)]
 
 
-def _tick_days(job: _Job) -> list[tuple]:
-    """(local session date, its rows) of a tick job: ticks are stored per symbol and date."""
-    local = pd.DatetimeIndex(job.table.column("time").to_numpy()).tz_localize("UTC").tz_convert(job.pieces[0].timezone)
-    days = local.tz_localize(None).normalize().to_numpy()
-    return [(pd.Timestamp(d).date(), job.table.filter(pa.array(days == d))) for d in np.unique(days)]
+def _alias(job: _Job) -> str | None:
+    return next((p.alias for p in job.pieces if p.alias), None)
 
 
-def _same_meta(man: dict, job: _Job, adjustment: str, tz: str) -> None:
-    for what, new in (("adjustment", adjustment), ("timezone", tz)):
-        if man.get(what) != new:
-            raise ConflictError(
-                f"{job.symbol} {job.interval}: the store holds {what} {man.get(what)!r} (source {man.get('source')}), "
-                f"the files are {new!r}; remove the stored data first (fintensor cache rm {job.symbol}) or pass "
-                "on_conflict='overwrite' (CLI: --on-conflict overwrite)")
-
-
-def _write(store: Store, job: _Job, on_conflict: str, unchanged: int | None) -> SymbolResult:
-    """Write one job (skipped when the precheck found it changes nothing) and report what happened."""
-    first = job.pieces[0]
-    alias = next((p.alias for p in job.pieces if p.alias), None)
-    common = dict(source=job.source, units=first.units, on_conflict=on_conflict, alias=alias)
-    if unchanged is not None and (alias is None or store.aliases().get(alias) == job.symbol):
-        days = [d for d, _ in _tick_days(job)] if job.kind == "ticks" else [None]
-        parts = [store.partition_dir(job.symbol, job.interval, date=d, kind="ticks" if d else None) for d in days]
-        results = [WriteResult(job.symbol, job.kind, str(p.relative_to(store.root)), noop=True) for p in parts]
-        results[0].unchanged = unchanged
-    elif job.kind == "ticks":
-        results = store.write_ticks(job.symbol, job.table, timezone=first.timezone, **common)
+def _write(store: Store, job: _Job, on_conflict: str, planned: list[WriteResult]) -> SymbolResult:
+    """Write one job (skipped when its dry run changes nothing) and report what happened."""
+    first, alias = job.pieces[0], _alias(job)
+    if all(r.noop for r in planned) and (alias is None or store.aliases().get(alias) == job.symbol):
+        results = planned  # a re-import: nothing to write
     else:
-        results = [store.write_bars(job.symbol, job.table, interval=job.interval, adjustment=first.adjustment,
-                                    adjusted_as_of=job.adjusted_as_of, timezone=first.timezone, **common)]
+        results = _store_write(store, job, on_conflict, dry_run=False)
     warnings = list(dict.fromkeys(w for p in job.pieces for w in p.warnings))
     return SymbolResult(
         symbol=job.symbol, interval=job.interval, rows=job.table.num_rows,
