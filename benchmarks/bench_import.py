@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
 
 import fintensor as ft
+from _timing import best
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -54,15 +54,6 @@ CASES = [
     ("hikyuu ticks, 34k rows gz", "cn_intraday_tick/hikyuu/trans_tick_*.csv.gz", baseline_hikyuu_ticks),
     ("LEAN minute, 24 zips", "lean_algoseek_us_equity/minute/*/201310*_trade.zip", baseline_lean_minute),
 ]
-
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:

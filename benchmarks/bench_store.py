@@ -21,19 +21,10 @@ import numpy as np
 import pandas as pd
 
 import fintensor as ft
+from _timing import best
 from fintensor.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def best(fn, repeat: int = 5) -> float:
-    """Best wall time of ``repeat`` runs, seconds (the least disturbed by other processes)."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def row(label: str, seconds: float, baseline: float | None = None) -> None:
