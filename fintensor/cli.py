@@ -368,7 +368,8 @@ def add_train(sub, common):
              ("--cs-norm", dict(choices=("zscore", "rank", "none"), default="none")),
              ("--feature-norm", dict(choices=("zscore", "robust", "none"), default="zscore")),
              ("--label-norm", dict(choices=("zscore", "rank", "none"), default="zscore")),
-             ("--clip", dict(type=float, default=3.0, shown="--clip C")))
+             ("--clip", dict(type=float, default=3.0, shown="--clip C")),
+             ("--panel-dtype", dict(choices=("float32", "bfloat16"), default="float32")))
     _compact(p, "model",
              ("--lookback", dict(type=int, default=20, shown="--lookback N")),
              ("--hidden", dict(type=int, default=64, shown="--hidden N")),
@@ -394,7 +395,7 @@ def add_train(sub, common):
 
 _TRAIN_FLAGS = ("horizon", "lag", "model", "lookback", "hidden", "layers", "dropout", "epochs", "batch_size",
                 "batching", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_steps",
-                "loss", "metric", "patience", "missing", "device", "compile", "seed", "resume")
+                "loss", "metric", "patience", "missing", "device", "compile", "seed", "resume", "panel_dtype")
 
 
 def cmd_train(args) -> int:

@@ -3,9 +3,17 @@
 A sample is a pair (t, stock): the ``lookback`` rows of features up to and including t, and the label at
 t. The panel is kept once, stock-major (stock, time, feature) and flat, so the window of sample (t, n)
 is the contiguous run of ``lookback * n_features`` numbers starting at row ``n*T + t - lookback + 1``. A
-strided view makes that a (rows, lookback*features) matrix of every window at no cost, and a minibatch
+strided view makes that a (rows, lookback, features) array of every window at no cost, and a minibatch
 is one ``index_select`` of it at precomputed sample positions ``n*T + t`` — on the CPU or the GPU, with
 no per-sample Python and no DataLoader workers. Memory stays about one panel.
+
+On the CPU a gather uses one intra-op thread per GATHER_GRAIN bytes it writes: a minibatch (800 windows
+of 60 x 20 floats: 3.8 MB, about 1 ms) runs on one thread. torch would spread it over every core, and
+an OpenMP team must wait for its slowest thread: when another process holds a core, a few-millisecond
+copy stalls for a scheduler slice (measured on 2 cores: 2 threads 1.5x faster than 1 when idle, 1.3x
+slower with one core busy, 7x slower with both busy). Large gathers (scoring) still use the threads.
+A whole-day batch whose samples are consecutive stocks needs no copy at all: in the stock-major panel,
+``panel[n0:n1, t-lookback+1:t+1]`` already is its (stocks, lookback, F) windows.
 
 Rules (all without look-ahead):
 - missing="drop": a sample needs every feature of every row of its window observed (mask True and
@@ -35,6 +43,8 @@ from .errors import BadInputError
 MISSING = ("drop", "zero")
 CS_NORMS = ("zscore", "rank")
 FEATURE_NORMS = ("zscore", "robust")
+PANEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GATHER_GRAIN = 8 << 20  # bytes a CPU gather writes per intra-op thread (so each thread copies for milliseconds)
 DEFAULT_SPLIT = (0.6, 0.2, 0.2)
 SEGMENT_NAMES = ("train", "valid", "test")
 
@@ -215,6 +225,8 @@ class Batch:
     ``x`` (B, lookback, F), ``y`` training target, ``raw`` raw label, ``positions`` (n*T + t),
     ``group`` day number of each sample inside the batch (day batches, else None), ``n_groups``, and the
     global batch's sample and day counts, so losses can be scaled to equal a single process's.
+    In a whole-day batch ``x``, ``y``, ``raw`` and ``group`` may be views of the Windows' tensors: read
+    them, do not modify them in place (``x.clone()`` first).
     """
 
     x: torch.Tensor
@@ -241,18 +253,22 @@ class Windows:
     scoring). ``normaliser``: a fitted Normaliser to reuse (scoring with a trained model); otherwise one is
     fitted on the 'train' segment when ``feature_norm`` is set. ``device``: where the panel lives (a CUDA
     device when it fits in half its free memory, else pinned host memory with batches copied over).
+    ``panel_dtype="bfloat16"`` stores the normalised panel in half the memory (values rounded to bf16, as
+    bf16 autocast rounds a model's inputs anyway); batches are float32 either way.
     """
 
     def __init__(self, features, labels=None, lookback: int = 20, *, segments=None, label_reach: int = 0,
                  missing: str = "drop", cs_norm: str | None = None, feature_norm: str | None = "zscore",
                  label_norm: str | None = "zscore", clip: float | None = 3.0,
-                 normaliser: Normaliser | None = None, device: str | torch.device = "cpu"):
-        _check_tensor(features, ("time", "stock", "feature"), "features")
+                 normaliser: Normaliser | None = None, device: str | torch.device = "cpu",
+                 panel_dtype: str = "float32"):
+        check_tensor(features, ("time", "stock", "feature"), "features")
         T, N, F = features.shape
         _choice("missing", missing, MISSING)
         _choice("cs_norm", cs_norm, (None, *CS_NORMS))
         _choice("label_norm", label_norm, (None, *CS_NORMS))
         _choice("feature_norm", feature_norm, (None, *FEATURE_NORMS))
+        _choice("panel_dtype", panel_dtype, tuple(PANEL_DTYPES))
         if isinstance(lookback, bool) or not isinstance(lookback, (int, np.integer)) or lookback < 1:
             raise BadInputError(f"lookback must be a positive integer, got {lookback!r}")
         lookback = int(lookback)
@@ -269,7 +285,8 @@ class Windows:
         self.lookback, self.n_features, self.missing = lookback, F, missing
         self.label_reach = int(label_reach)
         self.device = torch.device(device)
-        panel_device = self.device if self.device.type == "cpu" or _fits(T * N * F * 4, self.device) \
+        dtype = PANEL_DTYPES[panel_dtype]
+        panel_device = self.device if self.device.type == "cpu" or _fits(T * N * F * dtype.itemsize, self.device) \
             else torch.device("cpu")
 
         self.segments: dict[str, Segment] = {} if labels is None and segments is None else \
@@ -288,9 +305,11 @@ class Windows:
             for rows in panel.split(max(1, 2**24 // max(T * F, 1))):  # in place, a few stocks at a time
                 normaliser.apply_(rows)
         self.normaliser = normaliser
-        panel.nan_to_num_(nan=0.0)
+        panel = panel.nan_to_num_(nan=0.0).to(dtype)
         self.panel = panel.pin_memory() if panel.device != self.device else panel  # (N, T, F)
-        self._windows = self.panel.view(-1).as_strided((N * T - lookback + 1, lookback * F), (F, 1))
+        self._windows = self.panel.view(-1).as_strided((N * T - lookback + 1, lookback, F), (F, F, 1))
+        self._float_on_device = self.panel.device == self.device and self.panel.dtype == torch.float32
+        self._one_day = torch.zeros(N, dtype=torch.long, device=self.device)  # group ids of a one-day batch
 
         # usable windows: rows t-lookback+1 .. t all complete ("drop"), or row t observed at all ("zero")
         if missing == "drop":
@@ -312,7 +331,7 @@ class Windows:
 
     # --------------------------------------------------------------------------------- setup
     def _set_labels(self, labels, label_norm: str | None) -> None:
-        _check_tensor(labels, ("time", "stock"), "labels")
+        check_tensor(labels, ("time", "stock"), "labels")
         if labels.shape != (len(self.times), len(self.stocks)):
             raise BadInputError(f"labels have shape {labels.shape} but features have (time, stock) = "
                                 f"({len(self.times)}, {len(self.stocks)}); build both from the same tensor")
@@ -355,8 +374,22 @@ class Windows:
     # ------------------------------------------------------------------------------- samples
     def gather(self, positions: torch.Tensor) -> torch.Tensor:
         """Windows of the samples at ``positions`` (n*T + t): (B, lookback, F), one index_select."""
-        x = torch.index_select(self._windows, 0, positions.to(self.panel.device) - (self.lookback - 1))
-        return x.view(-1, self.lookback, self.n_features).to(self.device, non_blocking=True)
+        starts = positions.to(self.panel.device) - (self.lookback - 1)
+        with self._copy_threads(len(starts) * self.lookback * self.n_features * self.panel.element_size()):
+            x = torch.index_select(self._windows, 0, starts)
+        return self._on_device(x)
+
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` moved to the training device (the copy overlaps from pinned memory) as float32."""
+        if self._float_on_device:  # the common case: not even a no-op call
+            return x
+        x = x.to(self.device, non_blocking=True)
+        with self._copy_threads(x.numel() * 4):
+            return x.float()
+
+    def _copy_threads(self, nbytes: int) -> intra_op_threads:
+        """A CPU copy writing ``nbytes`` runs on one intra-op thread per GATHER_GRAIN bytes (see the top)."""
+        return intra_op_threads(nbytes // GATHER_GRAIN + 1 if self.panel.is_cpu else None)
 
     def score_positions(self) -> torch.Tensor:
         """Every position with a usable window (labels not needed), ordered by (t, stock)."""
@@ -369,6 +402,17 @@ class Windows:
         y = torch.index_select(self.targets, 0, pos).to(self.device, non_blocking=True)
         return Batch(self.gather(pos), y[:, 0], y[:, 1], pos, group, n_groups,
                      len(pos) if global_samples is None else global_samples, global_days)
+
+    def _day_view(self, positions: torch.Tensor, first: int, global_samples: int, global_days: int) -> Batch:
+        """The batch of one day whose samples are consecutive stocks n0.. from position ``first`` = n0*T + t:
+        windows and labels are views (the stock-major ``panel[n0:n0+count, t-L+1:t+1]`` is (count, L, F)),
+        so nothing is copied when the panel is float32 on the training device."""
+        T, count = len(self.times), len(positions)
+        n0, t = divmod(first, T)
+        x = self.panel[n0:n0 + count, t - self.lookback + 1:t + 1]
+        y = self.targets.view(-1, T, 2)[n0:n0 + count, t].to(self.device, non_blocking=True)
+        return Batch(self._on_device(x), y[:, 0], y[:, 1], positions, self._one_day[:count], 1, global_samples,
+                     global_days)
 
     def day_index(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For positions ordered by (t, stock): (offset of each day's first sample, samples per day)."""
@@ -391,15 +435,27 @@ class Windows:
                 yield self.batch(chunk.tensor_split(world)[rank] if world > 1 else chunk, global_samples=len(chunk))
         elif mode == "day":
             starts, counts = self.day_index(pos)
-            order = torch.randperm(len(counts), generator=g) if shuffle else torch.arange(len(counts))
-            for chunk in order.to(pos.device).split(days_per_batch):
-                days = chunk.tensor_split(world)[rank]
+            first = pos[starts]
+            # a day whose samples are consecutive stocks (typically all of them) is served as a view
+            consecutive = (pos[starts + counts - 1] - first == (counts - 1) * len(self.times)).tolist()
+            order = (torch.randperm(len(counts), generator=g) if shuffle else torch.arange(len(counts))).tolist()
+            start_of, count_of, first_of = starts.tolist(), counts.tolist(), first.tolist()
+            for i in range(0, len(order), days_per_batch):
+                chunk = order[i:i + days_per_batch]
+                days = chunk[_share(len(chunk), world, rank)]
+                global_samples = sum(count_of[d] for d in chunk)
+                if len(days) == 1 and consecutive[days[0]]:
+                    d = days[0]
+                    yield self._day_view(pos[start_of[d]:start_of[d] + count_of[d]], first_of[d], global_samples,
+                                         len(chunk))
+                    continue
+                days = torch.tensor(days, dtype=torch.long, device=pos.device)
                 c = counts[days]
                 # positions of the chosen days, concatenated: each day's start + 0..count-1
                 offsets = torch.repeat_interleave(starts[days] - (torch.cumsum(c, 0) - c), c)
                 idx = offsets + torch.arange(int(c.sum()), device=pos.device)
                 group = torch.repeat_interleave(torch.arange(len(days), device=pos.device), c)
-                yield self.batch(pos[idx], group.to(self.device), len(days), int(counts[chunk].sum()), len(chunk))
+                yield self.batch(pos[idx], group.to(self.device), len(days), global_samples, len(chunk))
         else:
             raise BadInputError(f"unknown batching mode {mode!r}; use 'random' or 'day'")
 
@@ -427,18 +483,43 @@ def _load_panel(features, device: torch.device, missing: str) -> tuple[torch.Ten
     return panel, row_ok
 
 
+def _share(n: int, world: int, rank: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``n`` items split ``world`` ways (like ``tensor_split``)."""
+    size, extra = divmod(n, world)
+    lo = rank * size + min(rank, extra)
+    return slice(lo, lo + size + (rank < extra))
+
+
 def _choice(what: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise BadInputError(f"unknown {what} {value!r}; use one of {', '.join(map(repr, allowed))}")
 
 
-def _check_tensor(t, dims: tuple[str, ...], what: str) -> None:
+def check_tensor(t, dims: tuple[str, ...], what: str) -> None:
+    """Bad input unless ``t`` is a floating-point StockTensor with exactly ``dims``."""
     if not all(hasattr(t, a) for a in ("values", "dims", "coords", "mask")):
         raise BadInputError(f"{what} must be a StockTensor with dims {dims}, got {type(t).__name__}")
     if tuple(t.dims) != dims:
         raise BadInputError(f"{what} must have dims {dims}, got {tuple(t.dims)}")
     if not (t.values.is_floating_point()):
         raise BadInputError(f"{what} must hold floating-point values, got {t.values.dtype}")
+
+
+class intra_op_threads:  # noqa: N801 (a context manager, named like torch.no_grad)
+    """``with intra_op_threads(n):`` runs torch's CPU kernels inside on at most ``n`` intra-op threads (None:
+    no limit), then restores the count. torch's thread count is per process: meant for short copies."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.threads = limit, 0
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+        if self.limit is not None and self.limit < self.threads:
+            torch.set_num_threads(max(1, self.limit))
+
+    def __exit__(self, *exc) -> None:
+        if self.limit is not None and self.limit < self.threads:
+            torch.set_num_threads(self.threads)
 
 
 def _fits(nbytes: int, device: torch.device) -> bool:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import Normaliser, Windows, epoch_seed
+from .data import PANEL_DTYPES, Normaliser, Windows, check_tensor, epoch_seed, resolve_segments
 from .errors import BadInputError, StoreCorruptError
 from .metrics import row_pearson, row_spearman
 from .models import build_model
@@ -41,8 +42,10 @@ HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "valid_loss", "valid_ic", "valid
                    "samples_per_s")
 # settings a resumed run must share with the checkpoint (anything else, e.g. epochs, may change)
 RESUME_KEYS = ("model", "hidden", "layers", "dropout", "model_options", "lookback", "missing", "cs_norm",
-               "feature_norm", "label_norm", "clip", "loss", "batching", "batch_size", "days_per_batch",
-               "optimizer", "seed")
+               "feature_norm", "label_norm", "clip", "panel_dtype", "loss", "batching", "batch_size",
+               "days_per_batch", "optimizer", "seed")
+# what a run killed while writing leaves in its directory: store.atomic_write_bytes' ".NAME.<uuid hex>.tmp"
+LEFTOVER = re.compile(rf"\.({re.escape(CHECKPOINT)}|{re.escape(METRICS_CSV)})\.[0-9a-f]{{32}}\.tmp")
 
 
 # -------------------------------------------------------------------------------------------- config
@@ -66,6 +69,7 @@ class TrainConfig:
     feature_norm: str | None = "zscore"   # per-feature, fitted on train: "zscore", "robust" or None
     label_norm: str | None = "zscore"     # per-day training-target normalisation
     clip: float | None = 3.0
+    panel_dtype: str = "float32"      # "bfloat16" keeps the windowed panel in half the memory
     # optimisation
     epochs: int = 20
     batch_size: int = 800
@@ -96,7 +100,7 @@ class TrainConfig:
     def __post_init__(self):
         choices = {"optimizer": ("sgd", "adam", "adamw"), "schedule": ("cosine", "constant"),
                    "loss": ("mse", "ic"), "metric": ("ic", "rank_ic", "loss"),
-                   "batching": (None, "random", "day")}
+                   "batching": (None, "random", "day"), "panel_dtype": tuple(PANEL_DTYPES)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise BadInputError(f"unknown {key} {getattr(self, key)!r}; use one of "
@@ -465,10 +469,12 @@ def _train(features, labels, cfg: TrainConfig, ctx: _Dist, on_epoch_end) -> Trai
     if out is not None and out.exists() and not out.is_dir():
         raise BadInputError(f"out={str(out)!r} is a file; name a directory for the checkpoint and metrics.csv")
     resumed = read_checkpoint(out / CHECKPOINT) if cfg.resume and out and (out / CHECKPOINT).exists() else None
+    if resumed is not None:  # before the windows are built, so a mismatch is reported against the checkpoint
+        _check_resumable(resumed, cfg, features, {"horizon": horizon, "lag": lag})
 
     data = Windows(features, labels, cfg.lookback, segments=cfg.segments, label_reach=horizon + lag,
                    missing=cfg.missing, cs_norm=cfg.cs_norm, feature_norm=cfg.feature_norm,
-                   label_norm=cfg.label_norm, clip=cfg.clip,
+                   label_norm=cfg.label_norm, clip=cfg.clip, panel_dtype=cfg.panel_dtype,
                    normaliser=resumed.normaliser if resumed else None, device=device)
     torch.manual_seed(cfg.seed)
     net = build_model(cfg.model, data.n_features, cfg.lookback, cfg.hidden, cfg.layers, cfg.dropout,
@@ -485,7 +491,9 @@ def _train(features, labels, cfg: TrainConfig, ctx: _Dist, on_epoch_end) -> Trai
     history: list[dict] = []
     best_weights: dict[str, torch.Tensor] | None = None
     if resumed is not None:
-        _check_resumable(resumed, info)
+        if resumed.info["model"] != net.config:
+            raise BadInputError(f"checkpoint {resumed.path} was written for the model {resumed.info['model']}; this "
+                                f"run builds {net.config}: use the same settings or another --out")
         net.load_state_dict({k: v.to(device) for k, v in resumed.group("model").items()})
         _load_optimizer(optimizer, resumed)
         state.update(resumed.info["state"])
@@ -502,6 +510,8 @@ def _train(features, labels, cfg: TrainConfig, ctx: _Dist, on_epoch_end) -> Trai
     steps_per_epoch = math.ceil(n_train / cfg.batch_size) if cfg.batching == "random" else \
         math.ceil(len(data.day_index(data.positions["train"])[1]) / cfg.days_per_batch)
     total_steps = cfg.epochs * steps_per_epoch
+    if ctx.master and out is not None:
+        remove_leftovers(out)
     progress = _Progress(out if ctx.master else None, cfg.progress and ctx.master)
 
     def checkpoint() -> None:
@@ -597,21 +607,47 @@ def _stopping_score(row: dict, cfg: TrainConfig) -> float:
     return -value if cfg.metric == "loss" else value
 
 
-def _check_resumable(ckpt: Checkpoint, info: dict) -> None:
-    """A run resumes exactly only with the settings that wrote the checkpoint (epochs may change)."""
-    old, new = ckpt.info["config"], info["config"]
-    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_KEYS
-               if json.dumps(old.get(k)) != json.dumps(new.get(k))]
-    if ckpt.info["features"] != info["features"]:
-        changed.append(f"features ({len(ckpt.info['features'])} -> {len(info['features'])})")
-    if ckpt.info["segments"] != info["segments"]:
-        changed.append("segments")
-    if ckpt.info["model"] != info["model"] and not changed:
-        changed.append("model config")
+def _check_resumable(ckpt: Checkpoint, cfg: TrainConfig, features, label: dict) -> None:
+    """A run resumes exactly only with the settings, features, label and segments that wrote the checkpoint
+    (epochs and the like may change); anything else is refused naming the checkpoint and what differs."""
+    check_tensor(features, ("time", "stock", "feature"), "features")
+    old, new, default = ckpt.info["config"], cfg.to_json(), TrainConfig().to_json()
+    changed = [f"{k} {old.get(k, default[k])!r} -> {new[k]!r}" for k in RESUME_KEYS
+               if json.dumps(old.get(k, default[k])) != json.dumps(new[k])]
+    names = [str(f) for f in features.coords["feature"]]
+    if ckpt.info["features"] != names:
+        changed.append(_feature_change(ckpt.info["features"], names))
+    if ckpt.info["label"] != label:
+        changed.append(f"label horizon/lag {ckpt.info['label']['horizon']}/{ckpt.info['label']['lag']} -> "
+                       f"{label['horizon']}/{label['lag']}")
+    segments = {s.name: [s.start, s.end] for s in resolve_segments(features.coords["time"], cfg.segments).values()}
+    changed += [f"segment {name} {'..'.join(ckpt.info['segments'].get(name, ['none']))} -> "
+                f"{'..'.join(segments.get(name, ['none']))}"
+                for name in sorted({*segments, *ckpt.info["segments"]})
+                if ckpt.info["segments"].get(name) != segments.get(name)]
     if changed:
         m = ckpt.info["model"]
         raise BadInputError(f"checkpoint {ckpt.path} was written for a {m['name']} on {m['n_features']} features; "
                             f"this run changed {', '.join(changed)}: use the same settings or another --out")
+
+
+def _feature_change(old: list[str], new: list[str]) -> str:
+    """``features 1 -> 2 (added 'b')``: how a feature list differs from the checkpoint's."""
+    added, removed = [f for f in new if f not in old], [f for f in old if f not in new]
+    parts = [f"{what} {', '.join(map(repr, names[:3]))}{' ...' if len(names) > 3 else ''}"
+             for what, names in (("added", added), ("removed", removed)) if names]
+    return f"features {len(old)} -> {len(new)} ({'; '.join(parts) or 'reordered'})"
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Delete the half-written ``.checkpoint.safetensors.<hex>.tmp`` (and metrics.csv) files that a run killed
+    mid-write left in ``out``; nothing else. Returns what was removed."""
+    removed = []
+    for path in out.glob(".*.tmp") if out.is_dir() else ():
+        if LEFTOVER.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -678,7 +714,8 @@ def predict(model, features, *, device: str = "auto", batch_size: int = 8192):
     dev = resolve_device(device)
     net = net.to(dev).eval()
     data = Windows(features, None, info["model"]["lookback"], missing=cfg["missing"], cs_norm=cfg["cs_norm"],
-                   feature_norm=None, normaliser=normaliser, device=dev)
+                   feature_norm=None, normaliser=normaliser, device=dev,
+                   panel_dtype=cfg.get("panel_dtype", "float32"))
     pos = data.score_positions()
     scores = _predict_positions(net, data, pos, batch_size, cfg["bf16"]).to(pos.device)
     T, N = len(data.times), len(data.stocks)

@@ -299,7 +299,7 @@ CASES = [
     Case("cli checkpoint: resume on other features", cli(
         "train", "{tmp}/t.safetensors", "--out", "{run}", "--resume", "--features", "none", "--model", "gru",
         "--lookback", "3", "--hidden", "4", "--layers", "1", "--epochs", "1", "--device", "cpu"), 2,
-         "fitted on 2 features; these features have 1", {"t.safetensors": lambda w: w.tensor_bytes}),
+         "features 2 -> 1 (added 'close'; removed 'a', 'b')", {"t.safetensors": lambda w: w.tensor_bytes}),
     Case("cli train: zero epochs", cli("train", "{tmp}/t.safetensors", "--out", "{tmp}/run", "--features", "none",
                                        "--epochs", "0"), 2, "epochs must be a positive integer",
          {"t.safetensors": lambda w: w.tensor_bytes}),

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fintensor.data import (Windows, average_rank, cs_rank_gauss, cs_zscore, resolve_segments,
+from fintensor.data import (GATHER_GRAIN, Windows, average_rank, cs_rank_gauss, cs_zscore, resolve_segments,
                             split_dates)
 from fintensor.errors import BadInputError
 from fintensor.tensor import StockTensor
@@ -238,3 +238,63 @@ def test_mismatched_inputs():
         Windows(X, other, 5, label_reach=1)
     with pytest.raises(BadInputError, match="unknown missing 'fill'"):
         Windows(X, Y, 5, missing="fill")
+
+
+# ------------------------------------------------------------------------------------- fast paths
+def test_whole_day_batches_are_views_of_the_panel_and_equal_the_windows():
+    X, Y = make_panel(nan_share=0.0)
+    Y.values[20, 4] = float("nan")  # day 20 lacks stock 4: its samples are not consecutive stocks
+    w = Windows(X, Y, 5, segments=SEGMENTS, label_reach=1, missing="zero", feature_norm=None, label_norm=None)
+    x, y = X.values.nan_to_num().numpy(), Y.values.numpy()
+    views = copies = 0
+    for world, days_per_batch in ((1, 1), (1, 3), (2, 2)):
+        for rank in range(world):
+            for b in w.batches("train", mode="day", days_per_batch=days_per_batch, seed=4, rank=rank, world=world):
+                if not len(b.positions):  # the last global batch left this rank without a day
+                    continue
+                n, t = (b.positions // T).numpy(), (b.positions % T).numpy()
+                np.testing.assert_array_equal(b.x.numpy(), np.stack([x[s - 4:s + 1, k] for k, s in zip(n, t)]))
+                np.testing.assert_array_equal(b.raw.numpy(), y[t, n])
+                shared = b.x.untyped_storage().data_ptr() == w.panel.untyped_storage().data_ptr()
+                assert shared == (len(set(t)) == 1 and t[0] != 20)  # one whole day: nothing copied
+                views, copies = views + shared, copies + (not shared)
+    assert views > 20 and copies > 5
+
+
+def test_bfloat16_panel_holds_the_float32_windows_rounded():
+    X, Y = make_panel()
+    opts = dict(segments=SEGMENTS, label_reach=1, missing="zero")
+    full, half = Windows(X, Y, 5, **opts), Windows(X, Y, 5, panel_dtype="bfloat16", **opts)
+    assert half.panel.element_size() == 2 and torch.equal(half.normaliser.center, full.normaliser.center)
+    for mode in ("random", "day"):
+        for a, b in zip(full.batches("train", mode=mode), half.batches("train", mode=mode), strict=True):
+            assert b.x.dtype == torch.float32 and torch.equal(a.positions, b.positions)
+            assert torch.equal(b.x, a.x.bfloat16().float())
+    with pytest.raises(BadInputError, match="unknown panel_dtype 'float16'"):
+        Windows(X, Y, 5, panel_dtype="float16", **opts)
+
+
+def test_a_cpu_gather_takes_one_thread_per_grain_and_restores_the_count(monkeypatch):
+    _, _, w = raw_windows()
+    seen = []
+    real = torch.index_select
+
+    def spy(*args, **kw):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kw)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(torch, "index_select", spy)
+        small = w.positions["train"][:20]
+        large = small.repeat(GATHER_GRAIN // (5 * F * 4) + 1)  # a little over one grain of windows
+        for pos in (small, large):
+            np.testing.assert_array_equal(w.gather(pos).numpy(), real(w._windows, 0, pos - 4).view(-1, 5, F).numpy())
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        monkeypatch.setattr(torch, "index_select", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            w.gather(small)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

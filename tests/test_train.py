@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -245,6 +246,55 @@ def test_checkpoint_for_another_model_or_feature_count(small, tmp_path):
         ft.train(X, Y, out=tmp_path, resume=True, segments=segments, **{**SMALL, "model": "lstm"})
     with pytest.raises(BadInputError, match="this run changed lookback 10 -> 5"):
         ft.train(X, Y, out=tmp_path, resume=True, segments=segments, **{**SMALL, "lookback": 5})
+
+
+def test_resuming_onto_other_features_names_the_checkpoint_before_building_windows(small, tmp_path, monkeypatch):
+    market, X, Y, segments = small
+    ft.train(X, Y, out=tmp_path, segments=segments, **SMALL)
+    two = StockTensor(torch.cat([X.values, X.values], dim=2), X.dims, {**X.coords, "feature": ["ret", "ret2"]})
+
+    def no_windows(*args, **kw):
+        raise AssertionError("the windows were built before the checkpoint was checked")
+
+    monkeypatch.setattr("fintensor.trainer.Windows", no_windows)
+    message = (f"checkpoint {tmp_path / CHECKPOINT} was written for a gru on 1 features; "
+               "this run changed features 1 -> 2 (added 'ret2')")
+    with pytest.raises(BadInputError, match=re.escape(message)):
+        ft.train(two, Y, out=tmp_path, resume=True, segments=segments, **SMALL)
+    start, end = segments["valid"]
+    shorter = {**segments, "valid": (start, start)}
+    with pytest.raises(BadInputError, match=re.escape(
+            f"changed lookback 10 -> 12, features 1 -> 2 (added 'ret2'), label horizon/lag 1/0 -> 2/0, "
+            f"segment valid {start}..{end} -> {start}..{start}: use the same settings or another --out")):
+        ft.train(two, Y, out=tmp_path, resume=True, segments=shorter, **{**SMALL, "lookback": 12, "horizon": 2})
+
+
+def test_a_run_killed_mid_write_leaves_a_tmp_file_that_the_next_run_removes(small, tmp_path, monkeypatch):
+    market, X, Y, segments = small
+    opts = dict(SMALL, segments=segments, epochs=2, patience=10)
+    writes = []
+    real_replace = os.replace
+
+    def killed_on_second_checkpoint(src, dst):  # what SIGKILL between the write and the rename leaves behind
+        writes.append(Path(dst).name)
+        if writes.count(CHECKPOINT) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_on_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        ft.train(X, Y, out=tmp_path, **opts)
+    monkeypatch.setattr(os, "replace", real_replace)
+    (leftover,) = tmp_path.glob(f".{CHECKPOINT}.*.tmp")
+    assert re.fullmatch(rf"\.{re.escape(CHECKPOINT)}\.[0-9a-f]{{32}}\.tmp", leftover.name)
+    keep = [tmp_path / n for n in (".checkpoint.safetensors.mine.tmp", "notes.tmp", f"{leftover.name}.bak")]
+    for path in keep:
+        path.write_text("not ours to delete")
+    assert read_checkpoint(tmp_path).info["state"]["epoch"] == 1
+    resumed = ft.train(X, Y, out=tmp_path, resume=True, **opts)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert not leftover.exists() and all(path.exists() for path in keep)
+    assert not list(tmp_path.glob(f".{METRICS_CSV}.*.tmp"))
 
 
 # ----------------------------------------------------------------------------------------------- DDP
