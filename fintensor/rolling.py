@@ -54,7 +54,9 @@ __all__ = [
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 _NAN = np.nan
 _imin, _imax = builtins.min, builtins.max  # the module defines its own min / max
-_BLOCK = 512  # columns advanced together: SIMD across columns, scratch of (window + 1) x _BLOCK per stat
+_SCRATCH_BYTES = 1 << 25  # a strip's suffix scratch at most (32 MiB): bounds memory for long windows
+_MIN_STRIP = 512  # columns: shorter row segments make the memory traffic slow (rows are far apart)
+_ORDER_STRIP = 16  # columns whose sorted windows are kept side by side (16 x window values: L1 / L2)
 
 # kernel modes (small ints, so that one compiled kernel serves a family of statistics)
 _SUM, _MEAN, _COUNT, _VAR, _STD, _ZSCORE = range(6)
@@ -64,14 +66,36 @@ _RANK_METHODS = {"average": 0, "min": 1, "max": 2}
 _SHIFT, _DIFF, _PCT, _LOGRET = range(4)
 
 
+@njit(inline="always")
+def _valid(v):
+    """1.0 for a value, 0.0 for NaN: counts as arithmetic, which keeps loops branch-free."""
+    return 1.0 if v == v else 0.0
+
+
+@njit(inline="always")
+def _or_zero(v):
+    return v if v == v else 0.0
+
+
+@njit(inline="always")
+def _strip_width(columns, window, arrays):
+    """Columns advanced together: all the thread has (whole rows stream from memory fastest; the
+    suffix scratch streams along), unless ``arrays`` suffix arrays of ``window + 1`` rows would
+    outgrow _SCRATCH_BYTES; never fewer than _MIN_STRIP."""
+    fits = _SCRATCH_BYTES // (8 * (window + 1) * arrays)
+    return _imax(1, _imin(columns, _imax(_MIN_STRIP, fits)))
+
+
 # ============================================================================ block-scheme kernels
 # Every block kernel has the same layout. It handles columns [first, stop) (``_run`` gives each thread
-# its range) in blocks of _BLOCK adjacent columns. Time is cut into blocks of ``window`` rows: a
-# forward pass over a time block accumulates prefix statistics and combines them with the suffix
-# statistics of the previous block, stored by start offset (scratch row ``window`` is the empty
+# its range) in strips of adjacent columns (``_strip_width``). Time is cut into blocks of ``window``
+# rows: a forward pass over a time block accumulates prefix statistics and combines them with the
+# suffix statistics of the previous block, stored by start offset (scratch row ``window`` is the empty
 # suffix); a backward pass over the finished block stores its suffix statistics for the next one.
-# Inner loops run over the columns of one row (row views, so that they vectorise) and pick the
-# statistic with selects, not branches.
+# Inner loops run over the columns of one row (row views, so that they vectorise), load every operand
+# unconditionally and pick results with selects, not branches; the statistic (``what``) is chosen
+# outside them. Counts of valid values are small integers, exact under add and remove: where a
+# kernel needs only the window's count, it keeps a running one (+ the new row, - the row leaving).
 @njit(**_JIT)
 def _pivots(y, x, x_step, c0, py, px, first, stop, step):
     """Per column of y (from ``c0``), the first valid (y, x) pair met walking rows first, first +
@@ -95,69 +119,106 @@ def _pivots(y, x, x_step, c0, py, px, first, stop, step):
         t += step
 
 
+@njit(inline="always")
+def _sum_row(mean, xr, gone, leaving, row, ss, prefix, cnt, lo):
+    """One row of ``_sums_kernel``: the block prefix plus the previous block's suffix ``ss``, and the
+    running count (+ this row, - the row ``gone`` when ``leaving``); ``mean`` is a constant, so that
+    the sum compiles without the division."""
+    for j in range(row.shape[0]):
+        v = np.float64(xr[j])
+        p = prefix[j] + _or_zero(v)
+        c = cnt[j] + (_valid(v) - leaving * _valid(gone[j]))
+        prefix[j] = p
+        cnt[j] = c
+        total = p + ss[j]
+        row[j] = (total / c if mean else total) if c >= lo else _NAN
+
+
 @njit(**_JIT)
 def _sums_kernel(x, out, window, min_periods, what, first, stop):
-    """sum / mean / count over a moving window: block prefix + suffix sums, nothing subtracted."""
+    """sum / mean / count over a moving window: block prefix + suffix sums, nothing subtracted,
+    and a running count."""
     T = x.shape[0]
     w = window
-    for c0 in range(first, stop, _BLOCK):
-        n = _imin(_BLOCK, stop - c0)
-        s_sum = np.zeros((w + 1, n))
-        s_cnt = np.zeros((w + 1, n))
-        p_sum = np.empty(n)
-        p_cnt = np.empty(n)
+    lo = float(min_periods) if what == _SUM else float(_imax(min_periods, 1))
+    width = _strip_width(stop - first, w, 1)
+    for c0 in range(first, stop, width):
+        n = _imin(width, stop - c0)
+        suffix = np.zeros((w + 1, n))
+        prefix = np.empty(n)
+        cnt = np.zeros(n)
         for tb in range(0, T, w):
             te = _imin(tb + w, T)
-            p_sum[:] = 0.0
-            p_cnt[:] = 0.0
+            prefix[:] = 0.0
             for t in range(tb, te):
                 xr = x[t, c0:c0 + n]
+                gone = x[_imax(t - w, 0), c0:c0 + n]  # the row leaving the window (if t >= w)
+                leaving = 1.0 if t >= w else 0.0
                 row = out[t, c0:c0 + n]
-                ss = s_sum[t - tb + 1]  # suffix from t - w + 1 (offset t - tb + 1 in the previous block)
-                sc = s_cnt[t - tb + 1]
-                size = float(_imin(t + 1, w))  # rows in the window, valid or not
-                for j in range(n):
-                    v = np.float64(xr[j])
-                    ok = v == v
-                    p_sum[j] += v if ok else 0.0
-                    p_cnt[j] += 1.0 if ok else 0.0
-                    c = p_cnt[j] + sc[j]
-                    total = p_sum[j] + ss[j]
-                    if what == _COUNT:  # pandas: min_periods counts the window's rows here
-                        row[j] = c if size >= min_periods else _NAN
-                    else:
-                        res = total if what == _SUM else total / c
-                        row[j] = res if (c >= min_periods) & ((c > 0.0) | (what == _SUM)) else _NAN
-            if te - tb == w and te < T:
+                ss = suffix[t - tb + 1]  # suffix from t - w + 1 (offset t - tb + 1 in the previous block)
+                if what == _COUNT:
+                    for j in range(n):
+                        c = cnt[j] + (_valid(xr[j]) - leaving * _valid(gone[j]))
+                        cnt[j] = c
+                        row[j] = c
+                    if t + 1 < min_periods:  # pandas: min_periods counts the window's rows here
+                        row[:] = _NAN
+                elif what == _SUM:
+                    _sum_row(False, xr, gone, leaving, row, ss, prefix, cnt, lo)
+                else:
+                    _sum_row(True, xr, gone, leaving, row, ss, prefix, cnt, lo)
+            if what != _COUNT and te - tb == w and te < T:
                 for r in range(w - 1, -1, -1):
                     xr = x[tb + r, c0:c0 + n]
-                    s0, s1, c_0, c_1 = s_sum[r], s_sum[r + 1], s_cnt[r], s_cnt[r + 1]
+                    s0, s1 = suffix[r], suffix[r + 1]
                     for j in range(n):
-                        v = np.float64(xr[j])
-                        ok = v == v
-                        s0[j] = s1[j] + (v if ok else 0.0)
-                        c_0[j] = c_1[j] + (1.0 if ok else 0.0)
+                        s0[j] = s1[j] + _or_zero(np.float64(xr[j]))
 
 
-@njit(**_JIT)
-def _finish_moments(what, row, cnt, m2, zdev, min_periods, ddof):
-    """var / std / zscore of one row from each window's count, c^2 x biased variance and
-    c x (value - mean): one loop per statistic, so that only its divisions and roots are paid."""
-    n = row.shape[0]
+@njit(inline="always")
+def _moment_step(v, piv, pc, pd, pq, k, sd, sq, sp):
+    """One value of one column: add v to the block prefix (count, sum and sum of squares of the
+    deviations from the prefix pivot ``piv``) and combine the prefix with the previous block's
+    suffix (k values, deviations from its pivot ``sp``, moved to ``piv``). Returns the new prefix,
+    then the window's count, sum of deviations, c^2 x biased variance, and v's deviation."""
+    ok = v == v
+    dev = v - piv if ok else 0.0
+    pc = pc + (1.0 if ok else 0.0)
+    pd = pd + dev
+    pq = pq + dev * dev
+    shift = sp - piv if (k > 0.0) & (pc > 0.0) else 0.0
+    c = pc + k
+    dsum = pd + sd + k * shift
+    qsum = pq + sq + shift * (2.0 * sd + k * shift)
+    return pc, pd, pq, c, dsum, qsum * c - dsum * dsum, dev
+
+
+@njit(inline="always")
+def _finish_moment(what, c, dsum, m2, dev, lo, dd):
+    """var, std or zscore ((value - mean) / std = (c x deviation - D) / (c x std)) of a window."""
     if what == _VAR:
-        for j in range(n):
-            c = cnt[j]
-            row[j] = m2[j] / (c * (c - ddof)) if (c >= min_periods) & (c > ddof) else _NAN
-    elif what == _STD:
-        for j in range(n):
-            c = cnt[j]
-            row[j] = math.sqrt(m2[j] / (c * (c - ddof))) if (c >= min_periods) & (c > ddof) else _NAN
-    else:
-        for j in range(n):
-            c = cnt[j]
-            sd = math.sqrt(m2[j] / (c * (c - ddof)))
-            ok = (c >= min_periods) & (c > ddof) & (sd > 0.0)
-            row[j] = zdev[j] / (c * sd) if ok else _NAN
+        return _imax(m2, 0.0) / (c * (c - dd)) if c >= lo else _NAN
+    if what == _STD:
+        return math.sqrt(_imax(m2, 0.0) / (c * (c - dd))) if c >= lo else _NAN
+    z = (dev * c - dsum) / (c * math.sqrt(m2 / (c * (c - dd))))
+    return z if (c >= lo) & (m2 > 0.0) & (dev == dev) else _NAN
+
+
+@njit(inline="always")
+def _moment_rows(what, xa, ra, sa, xb, rb, sb, pre, p_piv, s_piv, lo, dd):
+    """Two rows (a, b) of ``_moments_kernel``'s forward pass for one statistic (a constant, so
+    that only its divisions and roots are compiled in): ``pre`` is the (3, n) prefix, ``sa`` and
+    ``sb`` the suffix rows of each window. The prefix is loaded and stored once per pair."""
+    for j in range(ra.shape[0]):
+        piv, sp = p_piv[j], s_piv[j]
+        va, vb = np.float64(xa[j]), np.float64(xb[j])
+        pc, pd, pq, c, dsum, m2, dev = _moment_step(va, piv, pre[0, j], pre[1, j], pre[2, j],
+                                                    sa[0, j], sa[1, j], sa[2, j], sp)
+        res = _finish_moment(what, c, dsum, m2, dev if va == va else _NAN, lo, dd)
+        pc, pd, pq, c, dsum, m2, dev = _moment_step(vb, piv, pc, pd, pq, sb[0, j], sb[1, j], sb[2, j], sp)
+        pre[0, j], pre[1, j], pre[2, j] = pc, pd, pq
+        ra[j] = res
+        rb[j] = _finish_moment(what, c, dsum, m2, dev if vb == vb else _NAN, lo, dd)
 
 
 @njit(**_JIT)
@@ -168,63 +229,58 @@ def _moments_kernel(x, out, window, min_periods, ddof, what, first, stop):
     pivot, the first valid value they saw (a value inside every window that uses them); the
     suffix's sums are moved to the prefix's pivot before they are added. With deviations instead
     of raw values nothing large cancels: var = (Q - D^2/n) / (n - ddof) loses no digits to the
-    level of the prices.
+    level of the prices. Rows go two at a time (a lone last row is paired with a row of NaN,
+    which changes nothing).
     """
     T = x.shape[0]
     w = window
-    for c0 in range(first, stop, _BLOCK):
-        n = _imin(_BLOCK, stop - c0)
-        s_cnt = np.zeros((w + 1, n))
-        s_dev = np.zeros((w + 1, n))
-        s_sq = np.zeros((w + 1, n))
+    lo = float(_imax(min_periods, ddof + 1))
+    dd = float(ddof)
+    width = _strip_width(stop - first, w, 3)
+    for c0 in range(first, stop, width):
+        n = _imin(width, stop - c0)
+        suffix = np.zeros((w + 2, 3, n))  # row w: the empty suffix; row w + 1: a lone row's partner
         s_piv = np.full(n, _NAN)
-        p_cnt = np.empty(n)
-        p_dev = np.empty(n)
-        p_sq = np.empty(n)
+        pre = np.empty((3, n))
         p_piv = np.empty(n)
-        cnt = np.empty(n)  # the current row's windows
-        m2 = np.empty(n)
-        zdev = np.empty(n)
+        nan_row = np.full(n, _NAN, dtype=x.dtype)
+        spare = np.empty(n, dtype=out.dtype)
         for tb in range(0, T, w):
             te = _imin(tb + w, T)
-            p_cnt[:] = 0.0
-            p_dev[:] = 0.0
-            p_sq[:] = 0.0
+            pre[:] = 0.0
             _pivots(x, x, 1, c0, p_piv, p_piv, tb, te, 1)
-            for t in range(tb, te):
-                xr = x[t, c0:c0 + n]
-                row = out[t, c0:c0 + n]
-                r = t - tb + 1
-                sc, sd, sq = s_cnt[r], s_dev[r], s_sq[r]
-                for j in range(n):
-                    v = np.float64(xr[j])
-                    ok = v == v
-                    piv = p_piv[j]
-                    dev = v - piv if ok else 0.0
-                    p_cnt[j] += 1.0 if ok else 0.0
-                    p_dev[j] += dev
-                    p_sq[j] += dev * dev
-                    k = sc[j]
-                    shift = s_piv[j] - piv if (k > 0.0) & (p_cnt[j] > 0.0) else 0.0
-                    c = p_cnt[j] + k
-                    dsum = p_dev[j] + sd[j] + k * shift
-                    qsum = p_sq[j] + sq[j] + shift * (2.0 * sd[j] + k * shift)
-                    cnt[j] = c
-                    m2[j] = _imax(qsum * c - dsum * dsum, 0.0)  # c^2 x the biased variance
-                    zdev[j] = dev * c - dsum if ok else _NAN  # c x (value - window mean)
-                _finish_moments(what, row, cnt, m2, zdev, min_periods, ddof)
+            for t in range(tb, te, 2):
+                pair = t + 1 < te
+                xa, ra = x[t, c0:c0 + n], out[t, c0:c0 + n]
+                xb = x[t + 1, c0:c0 + n] if pair else nan_row
+                rb = out[t + 1, c0:c0 + n] if pair else spare
+                sa, sb = suffix[t - tb + 1], suffix[t - tb + 2]  # suffixes from t - w + 1 and t - w + 2
+                if what == _VAR:
+                    _moment_rows(_VAR, xa, ra, sa, xb, rb, sb, pre, p_piv, s_piv, lo, dd)
+                elif what == _STD:
+                    _moment_rows(_STD, xa, ra, sa, xb, rb, sb, pre, p_piv, s_piv, lo, dd)
+                else:
+                    _moment_rows(_ZSCORE, xa, ra, sa, xb, rb, sb, pre, p_piv, s_piv, lo, dd)
             if te - tb == w and te < T:
                 _pivots(x, x, 1, c0, s_piv, s_piv, te - 1, tb - 1, -1)
-                for r in range(w - 1, -1, -1):
-                    xr = x[tb + r, c0:c0 + n]
-                    c_0, c_1, d0, d1, q0, q1 = s_cnt[r], s_cnt[r + 1], s_dev[r], s_dev[r + 1], s_sq[r], s_sq[r + 1]
+                for r in range(w - 1, -1, -2):  # rows r and r - 1 of the block
+                    pair = r >= 1
+                    xa = x[tb + r, c0:c0 + n]
+                    xb = x[tb + r - 1, c0:c0 + n] if pair else nan_row
+                    s1, sa, sb = suffix[r + 1], suffix[r], suffix[r - 1 if pair else w + 1]
                     for j in range(n):
-                        v = np.float64(xr[j])
-                        ok = v == v
-                        dev = v - s_piv[j] if ok else 0.0
-                        c_0[j] = c_1[j] + (1.0 if ok else 0.0)
-                        d0[j] = d1[j] + dev
-                        q0[j] = q1[j] + dev * dev
+                        sp = s_piv[j]
+                        v = np.float64(xa[j])
+                        dev = v - sp if v == v else 0.0
+                        k = s1[0, j] + _valid(v)
+                        d = s1[1, j] + dev
+                        q = s1[2, j] + dev * dev
+                        sa[0, j], sa[1, j], sa[2, j] = k, d, q
+                        v = np.float64(xb[j])
+                        dev = v - sp if v == v else 0.0
+                        sb[0, j] = k + _valid(v)
+                        sb[1, j] = d + dev
+                        sb[2, j] = q + dev * dev
 
 
 @njit(**_JIT)
@@ -235,182 +291,238 @@ def _extremes_kernel(x, out, window, min_periods, sign, want_index, first, stop)
     which keeps the loops free of masked stores."""
     T = x.shape[0]
     w = window
-    for c0 in range(first, stop, _BLOCK):
-        n = _imin(_BLOCK, stop - c0)
-        s_cnt = np.zeros((w + 1, n))
+    lo = float(_imax(min_periods, 1))
+    width = _strip_width(stop - first, w, 2 if want_index else 1)
+    for c0 in range(first, stop, width):
+        n = _imin(width, stop - c0)
         s_top = np.full((w + 1, n), _NAN)
         s_at = np.zeros((w + 1, n))
-        p_cnt = np.empty(n)
         p_top = np.empty(n)
         p_at = np.empty(n)
+        cnt = np.zeros(n)
         for tb in range(0, T, w):
             te = _imin(tb + w, T)
-            p_cnt[:] = 0.0
             p_top[:] = _NAN
             p_at[:] = 0.0
             for t in range(tb, te):
                 xr = x[t, c0:c0 + n]
+                gone = x[_imax(t - w, 0), c0:c0 + n]
+                leaving = 1.0 if t >= w else 0.0
                 row = out[t, c0:c0 + n]
                 r = t - tb + 1
-                sc, st, sa = s_cnt[r], s_top[r], s_at[r]
-                start = float(_imax(t - w + 1, 0))
-                now = float(t)
+                st, sa = s_top[r], s_at[r]
                 if want_index:
+                    start = float(_imax(t - w + 1, 0))
+                    now = float(t)
                     for j in range(n):
                         v = sign * np.float64(xr[j])
                         top = p_top[j]
+                        at = p_at[j]
                         newer = (v > top) | ((top != top) & (v == v))
-                        p_cnt[j] += 1.0 if v == v else 0.0
-                        p_top[j] = top = np.fmax(top, v)
-                        p_at[j] = at = p_at[j] + (now - p_at[j]) * newer
-                        older = (st[j] >= top) | (top != top)  # the suffix is the older part
-                        c = p_cnt[j] + sc[j]
+                        top = np.fmax(top, v)
+                        at = at + (now - at) * newer
+                        c = cnt[j] + (_valid(v) - leaving * _valid(gone[j]))
+                        p_top[j] = top
+                        p_at[j] = at
+                        cnt[j] = c
+                        s = st[j]
+                        older = (s >= top) | (top != top)  # the suffix is the older part
                         res = at + (sa[j] - at) * older - start
-                        row[j] = res if (c >= min_periods) & (c > 0.0) else _NAN
+                        row[j] = res if c >= lo else _NAN
                 else:
                     for j in range(n):
                         v = sign * np.float64(xr[j])
-                        p_cnt[j] += 1.0 if v == v else 0.0
-                        p_top[j] = top = np.fmax(p_top[j], v)
-                        c = p_cnt[j] + sc[j]
-                        res = sign * np.fmax(st[j], top)
-                        row[j] = res if (c >= min_periods) & (c > 0.0) else _NAN
+                        top = np.fmax(p_top[j], v)
+                        c = cnt[j] + (_valid(v) - leaving * _valid(gone[j]))
+                        s = st[j]
+                        p_top[j] = top
+                        cnt[j] = c
+                        res = sign * np.fmax(s, top)
+                        row[j] = res if c >= lo else _NAN
             if te - tb == w and te < T:
                 for r in range(w - 1, -1, -1):
                     xr = x[tb + r, c0:c0 + n]
-                    c_0, c_1, t0, t1, a0, a1 = s_cnt[r], s_cnt[r + 1], s_top[r], s_top[r + 1], s_at[r], s_at[r + 1]
-                    at = float(tb + r)
-                    for j in range(n):
-                        v = sign * np.float64(xr[j])
-                        c_0[j] = c_1[j] + (1.0 if v == v else 0.0)
-                        t0[j] = np.fmax(t1[j], v)
+                    t0, t1, a0, a1 = s_top[r], s_top[r + 1], s_at[r], s_at[r + 1]
                     if want_index:
+                        at = float(tb + r)
                         for j in range(n):
                             v = sign * np.float64(xr[j])
-                            older = (v >= t1[j]) | ((t1[j] != t1[j]) & (v == v))
+                            top = t1[j]
+                            older = (v >= top) | ((top != top) & (v == v))
+                            t0[j] = np.fmax(top, v)
                             a0[j] = a1[j] + (at - a1[j]) * older
+                    else:
+                        for j in range(n):
+                            t0[j] = np.fmax(t1[j], sign * np.float64(xr[j]))
+
+
+@njit(inline="always")
+def _co_step(vy, vx, py, px, pc, pdx, pdy, pxx, pyy, pxy, k, sdx, sdy, sxx, syy, sxy, sy, sx):
+    """``_moment_step`` for a pair (y, x), counted where both are valid: the new prefix (count,
+    sums of deviations, of squared deviations and of their products), then the window's count,
+    sums of deviations, sums of squares and products (around the prefix pivots), and the pair's
+    deviations."""
+    ok = (vy == vy) & (vx == vx)
+    ex = vx - px if ok else 0.0
+    ey = vy - py if ok else 0.0
+    pc = pc + (1.0 if ok else 0.0)
+    pdx = pdx + ex
+    pdy = pdy + ey
+    pxx = pxx + ex * ex
+    pyy = pyy + ey * ey
+    pxy = pxy + ex * ey
+    both = (k > 0.0) & (pc > 0.0)
+    hx = sx - px if both else 0.0
+    hy = sy - py if both else 0.0
+    c = pc + k
+    dx = pdx + sdx + k * hx
+    dy = pdy + sdy + k * hy
+    qxx = pxx + sxx + hx * (2.0 * sdx + k * hx)
+    qyy = pyy + syy + hy * (2.0 * sdy + k * hy)
+    qxy = pxy + sxy + hx * sdy + hy * sdx + k * hx * hy
+    return (pc, pdx, pdy, pxx, pyy, pxy), (c, dx, dy, qxx, qyy, qxy, ex, ey, ok)
+
+
+@njit(inline="always")
+def _finish_co(what, window, ddof, lo):
+    """cov / beta / residual / corr / r-squared from ``_co_step``'s window sums."""
+    c, dx, dy, qxx, qyy, qxy, ex, ey, ok = window
+    cxy = qxy - dx * (dy / c)
+    if what == _COV:
+        res = cxy / (c - ddof) if c > ddof else _NAN
+    else:
+        cxx = _imax(qxx - dx * (dx / c), 0.0)
+        if what == _BETA:
+            res = cxy / cxx if cxx > 0.0 else _NAN
+        elif what == _RESID:
+            res = (ey - dy / c) - cxy / cxx * (ex - dx / c) if ok & (cxx > 0.0) else _NAN
+        else:
+            cyy = _imax(qyy - dy * (dy / c), 0.0)
+            rho = cxy / math.sqrt(cxx * cyy) if (cxx > 0.0) & (cyy > 0.0) else _NAN
+            res = rho if what == _CORR else rho * rho
+    return res if c >= lo else _NAN
+
+
+@njit(inline="always")
+def _co_row(what, yr, xr, row, sr, pre, p_py, p_px, s_py, s_px, ddof, lo):
+    """A row of ``_comoments_kernel``'s forward pass for one statistic (a constant, so that only
+    its arithmetic is compiled in): ``pre`` is the (6, n) prefix, ``sr`` the suffix row."""
+    for j in range(row.shape[0]):
+        state, win = _co_step(np.float64(yr[j]), xr[j], p_py[j], p_px[j], pre[0, j], pre[1, j], pre[2, j],
+                              pre[3, j], pre[4, j], pre[5, j], sr[0, j], sr[1, j], sr[2, j], sr[3, j], sr[4, j],
+                              sr[5, j], s_py[j], s_px[j])
+        pre[0, j], pre[1, j], pre[2, j], pre[3, j], pre[4, j], pre[5, j] = state
+        row[j] = _finish_co(what, win, ddof, lo)
 
 
 @njit(**_JIT)
 def _comoments_kernel(y, x, out, window, min_periods, ddof, what, x_step, first, stop):
     """cov / corr / beta / regression residual / r-squared of y on x over a moving window, on the
-    pairs where both are valid: ``_moments_kernel`` with two series and their cross products.
-    ``x`` has one column per column of ``y`` (``x_step=1``) or one column for all (a market
-    series, ``x_step=0``)."""
+    pairs where both are valid: ``_moments_kernel`` with two series and their cross products
+    (count, dx, dy, xx, yy, xy: six sums per prefix and suffix). ``x`` has one column per column
+    of ``y`` (``x_step=1``) or one column for all (a market series, ``x_step=0``)."""
     T = y.shape[0]
     w = window
-    for c0 in range(first, stop, _BLOCK):
-        n = _imin(_BLOCK, stop - c0)
-        s_cnt = np.zeros((w + 1, n))
-        s_dx = np.zeros((w + 1, n))
-        s_dy = np.zeros((w + 1, n))
-        s_xx = np.zeros((w + 1, n))
-        s_yy = np.zeros((w + 1, n))
-        s_xy = np.zeros((w + 1, n))
+    lo = float(_imax(min_periods, 1))
+    width = _strip_width(stop - first, w, 6)
+    for c0 in range(first, stop, width):
+        n = _imin(width, stop - c0)
+        suffix = np.zeros((w + 1, 6, n))  # row w: the empty suffix
         s_px = np.full(n, _NAN)
         s_py = np.full(n, _NAN)
-        p_cnt = np.empty(n)
-        p_dx = np.empty(n)
-        p_dy = np.empty(n)
-        p_xx = np.empty(n)
-        p_yy = np.empty(n)
-        p_xy = np.empty(n)
+        pre = np.empty((6, n))
         p_px = np.empty(n)
         p_py = np.empty(n)
-        xs = np.empty(n)  # the x values of one row (the market column repeated when x_step=0)
+        xs = np.empty(n)  # the x values of a row (the market column repeated when x_step=0)
         for tb in range(0, T, w):
             te = _imin(tb + w, T)
-            p_cnt[:] = 0.0
-            p_dx[:] = 0.0
-            p_dy[:] = 0.0
-            p_xx[:] = 0.0
-            p_yy[:] = 0.0
-            p_xy[:] = 0.0
+            pre[:] = 0.0
             _pivots(y, x, x_step, c0, p_py, p_px, tb, te, 1)
             for t in range(tb, te):
-                yr = y[t, c0:c0 + n]
-                row = out[t, c0:c0 + n]
+                yr, row = y[t, c0:c0 + n], out[t, c0:c0 + n]
                 for j in range(n):
                     xs[j] = x[t, (c0 + j) * x_step]
-                r = t - tb + 1
-                sc, sdx, sdy, sxx, syy, sxy = s_cnt[r], s_dx[r], s_dy[r], s_xx[r], s_yy[r], s_xy[r]
-                for j in range(n):
-                    vy = np.float64(yr[j])
-                    vx = xs[j]
-                    ok = (vy == vy) & (vx == vx)
-                    px = p_px[j]
-                    py = p_py[j]
-                    ex = vx - px if ok else 0.0
-                    ey = vy - py if ok else 0.0
-                    p_cnt[j] += 1.0 if ok else 0.0
-                    p_dx[j] += ex
-                    p_dy[j] += ey
-                    p_xx[j] += ex * ex
-                    p_yy[j] += ey * ey
-                    p_xy[j] += ex * ey
-                    k = sc[j]
-                    both = (k > 0.0) & (p_cnt[j] > 0.0)
-                    hx = s_px[j] - px if both else 0.0
-                    hy = s_py[j] - py if both else 0.0
-                    c = p_cnt[j] + k
-                    dx = p_dx[j] + sdx[j] + k * hx
-                    dy = p_dy[j] + sdy[j] + k * hy
-                    cxx = _imax(p_xx[j] + sxx[j] + hx * (2.0 * sdx[j] + k * hx) - dx * (dx / c), 0.0)
-                    cyy = _imax(p_yy[j] + syy[j] + hy * (2.0 * sdy[j] + k * hy) - dy * (dy / c), 0.0)
-                    cxy = p_xy[j] + sxy[j] + hx * sdy[j] + hy * sdx[j] + k * hx * hy - dx * (dy / c)
-                    if what == _COV:
-                        res = cxy / (c - ddof) if c > ddof else _NAN
-                    elif what == _BETA:
-                        res = cxy / cxx if cxx > 0.0 else _NAN
-                    elif what == _RESID:
-                        res = (ey - dy / c) - cxy / cxx * (ex - dx / c) if ok & (cxx > 0.0) else _NAN
-                    else:
-                        rho = cxy / math.sqrt(cxx * cyy) if (cxx > 0.0) & (cyy > 0.0) else _NAN
-                        res = rho if what == _CORR else rho * rho
-                    row[j] = res if (c >= min_periods) & (c > 0.0) else _NAN
+                sr = suffix[t - tb + 1]
+                if what == _COV:
+                    _co_row(_COV, yr, xs, row, sr, pre, p_py, p_px, s_py, s_px, ddof, lo)
+                elif what == _CORR:
+                    _co_row(_CORR, yr, xs, row, sr, pre, p_py, p_px, s_py, s_px, ddof, lo)
+                elif what == _BETA:
+                    _co_row(_BETA, yr, xs, row, sr, pre, p_py, p_px, s_py, s_px, ddof, lo)
+                elif what == _RESID:
+                    _co_row(_RESID, yr, xs, row, sr, pre, p_py, p_px, s_py, s_px, ddof, lo)
+                else:
+                    _co_row(_RSQUARE, yr, xs, row, sr, pre, p_py, p_px, s_py, s_px, ddof, lo)
             if te - tb == w and te < T:
                 _pivots(y, x, x_step, c0, s_py, s_px, te - 1, tb - 1, -1)
                 for r in range(w - 1, -1, -1):
                     yr = y[tb + r, c0:c0 + n]
                     for j in range(n):
                         xs[j] = x[tb + r, (c0 + j) * x_step]
+                    s0, s1 = suffix[r], suffix[r + 1]
                     for j in range(n):
                         vy = np.float64(yr[j])
                         vx = xs[j]
                         ok = (vy == vy) & (vx == vx)
                         ex = vx - s_px[j] if ok else 0.0
                         ey = vy - s_py[j] if ok else 0.0
-                        s_cnt[r, j] = s_cnt[r + 1, j] + (1.0 if ok else 0.0)
-                        s_dx[r, j] = s_dx[r + 1, j] + ex
-                        s_dy[r, j] = s_dy[r + 1, j] + ey
-                        s_xx[r, j] = s_xx[r + 1, j] + ex * ex
-                        s_yy[r, j] = s_yy[r + 1, j] + ey * ey
-                        s_xy[r, j] = s_xy[r + 1, j] + ex * ey
+                        s0[0, j] = s1[0, j] + (1.0 if ok else 0.0)
+                        s0[1, j] = s1[1, j] + ex
+                        s0[2, j] = s1[2, j] + ey
+                        s0[3, j] = s1[3, j] + ex * ex
+                        s0[4, j] = s1[4, j] + ey * ey
+                        s0[5, j] = s1[5, j] + ex * ey
 
 
 # =================================================================== order statistics in a window
 @njit(inline="always")
-def _bisect(a, lo, hi, v, right):
-    """Insertion point of v in the sorted a[lo:hi] (after equal values when ``right``)."""
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if a[mid] < v or (right and a[mid] == v):
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+def _search(a, base, n, v, right):
+    """Insertion point of v in the sorted a[base:base + n] (after equal values when ``right``):
+    a binary search whose steps are selects, not branches (their outcome is a coin flip)."""
+    if n == 0:
+        return base
+    while n > 1:
+        half = n >> 1
+        m = a[base + half]
+        base = base + half if (m < v) | (right & (m == v)) else base
+        n -= half
+    m = a[base]
+    return base + 1 if (m < v) | (right & (m == v)) else base
+
+
+@njit(inline="always")
+def _shift_down(a):
+    """a[:-1] = a[1:] in place (a memmove; indices from 0 let it vectorise)."""
+    for u in range(a.shape[0] - 1):
+        a[u] = a[u + 1]
+
+
+@njit(inline="always")
+def _shift_up(a):
+    """a[1:] = a[:-1] in place, from the top in groups of four (a descending loop over single
+    values does not vectorise)."""
+    u = a.shape[0] - 1
+    while u >= 4:
+        v1, v2, v3, v4 = a[u - 1], a[u - 2], a[u - 3], a[u - 4]
+        a[u], a[u - 1], a[u - 2], a[u - 3] = v1, v2, v3, v4
+        u -= 4
+    while u > 0:
+        a[u] = a[u - 1]
+        u -= 1
 
 
 @njit(**_JIT)
 def _order_kernel(x, out, window, min_periods, whats, qs, method, ascending, pct, first, stop):
     """quantile (linear interpolation) / median / rank of the current value, like pandas, from a
-    sorted copy of each column's valid window values: each step slides the new value from the
-    leaving value's slot to its place (O(distance) moves, no allocation). ``out[k]`` gets
-    statistic ``whats[k]`` (quantile ``qs[k]``): several from one pass over the sorted windows."""
+    sorted copy of each column's valid window values: each step finds the leaving and the new
+    value's places by binary search and moves the values between them by one slot (a memmove,
+    no allocation). ``out[k]`` gets statistic ``whats[k]`` (quantile ``qs[k]``): several from one
+    pass over the sorted windows. A strip of a few columns is walked down time at a time, so that
+    its sorted windows stay in cache."""
     T = x.shape[0]
     w = window
-    for c0 in range(first, stop, _BLOCK):
-        n = _imin(_BLOCK, stop - c0)
+    for c0 in range(first, stop, _ORDER_STRIP):
+        n = _imin(_ORDER_STRIP, stop - c0)
         buf = np.empty(n * w)  # column j's sorted values: buf[j * w : j * w + cnt[j]]
         cnt = np.zeros(n, dtype=np.int64)
         for t in range(T):
@@ -421,25 +533,23 @@ def _order_kernel(x, out, window, min_periods, whats, qs, method, ascending, pct
                 k = cnt[j]
                 v = np.float64(xr[j])
                 old = np.float64(xo[j]) if t >= w else _NAN
-                if old == old and v == v:  # replace: slide the new value from the old one's place
-                    i = _bisect(buf, base, base + k, old, False)
-                    while i + 1 < base + k and buf[i + 1] < v:
-                        buf[i] = buf[i + 1]
-                        i += 1
-                    while i > base and buf[i - 1] > v:
-                        buf[i] = buf[i - 1]
-                        i -= 1
-                    buf[i] = v
-                elif old == old:  # remove
-                    for i in range(_bisect(buf, base, base + k, old, False), base + k - 1):
-                        buf[i] = buf[i + 1]
-                    k -= 1
+                if old == old:
+                    i = _search(buf, base, k, old, False)
+                    if v == v:  # replace: shift the values between old's and v's places by one
+                        p = _search(buf, base, k, v, False)
+                        if p > i:
+                            _shift_down(buf[i:p])
+                            buf[p - 1] = v
+                        else:
+                            _shift_up(buf[p:i + 1])
+                            buf[p] = v
+                    else:  # remove
+                        _shift_down(buf[i:base + k])
+                        k -= 1
                 elif v == v:  # insert
-                    i = base + k
-                    while i > base and buf[i - 1] > v:
-                        buf[i] = buf[i - 1]
-                        i -= 1
-                    buf[i] = v
+                    p = _search(buf, base, k, v, False)
+                    _shift_up(buf[p:base + k + 1])
+                    buf[p] = v
                     k += 1
                 cnt[j] = k
                 for s in range(whats.shape[0]):
@@ -455,8 +565,8 @@ def _order_kernel(x, out, window, min_periods, whats, qs, method, ascending, pct
                             if pos != lo:
                                 res += (buf[base + lo + 1] - res) * (pos - lo)
                         elif v == v:  # rank of the current value
-                            below = _bisect(buf, base, base + k, v, False) - base
-                            upto = _bisect(buf, base, base + k, v, True) - base
+                            below = _search(buf, base, k, v, False) - base
+                            upto = _search(buf, base, k, v, True) - base
                             if not ascending:
                                 below, upto = k - upto, k - below
                             if method == 1:
@@ -471,8 +581,34 @@ def _order_kernel(x, out, window, min_periods, whats, qs, method, ascending, pct
 
 # =========================================================================== exponential weights
 # pandas' recurrences (window_aggregations.pyx: ewm, ewmcov), written branch-free so that the column
-# loop vectorises. State is stored as ``value + 0.0``: a store of "the new value or the old one" would
-# otherwise become a masked store, which is slow on some x86 CPUs (+0.0 only turns -0.0 into 0.0).
+# loop vectorises. Two rewrites keep them short: before a column's first value its weights may decay
+# freely (the first value resets them), and the first value blends into itself ("the mean so far" is
+# the value itself there, and pandas skips the blend where mean == value). State is stored as
+# ``value + 0.0``: a store of "the new value or the old one" would otherwise become a masked store,
+# which is slow on some x86 CPUs (+0.0 only turns -0.0 into 0.0).
+@njit(inline="always")
+def _ewm_mean_row(count_obs, xr, row, avg, old_wt, nobs, decay, gap_decay, new_wt, adjust, lo):
+    """One row of ``_ewm_mean_kernel``; without ``count_obs`` (min_periods <= 1) the mean itself
+    says whether a value was seen (NaN before the first one)."""
+    for j in range(row.shape[0]):
+        v = np.float64(xr[j])
+        ok = v == v
+        m = avg[j]
+        wt = old_wt[j] * (decay if ok else gap_decay)
+        mm = m if m == m else v
+        blended = mm if mm == v else (wt * mm + new_wt * v) / (wt + new_wt)
+        wt = ((wt + new_wt if adjust else 1.0) if m == m else 1.0) if ok else wt
+        m = blended if ok else m
+        avg[j] = m + 0.0
+        old_wt[j] = wt + 0.0
+        if count_obs:
+            c = nobs[j] + (1.0 if ok else 0.0)
+            nobs[j] = c
+            row[j] = m if c >= lo else _NAN
+        else:
+            row[j] = m
+
+
 @njit(**_JIT)
 def _ewm_mean_kernel(x, out, com, adjust, ignore_na, min_periods, first, stop):
     """Exponentially weighted mean (``adjust``: weights (1-alpha)^i normalised over the past)."""
@@ -480,87 +616,89 @@ def _ewm_mean_kernel(x, out, com, adjust, ignore_na, min_periods, first, stop):
     alpha = 1.0 / (1.0 + com)
     decay = 1.0 - alpha
     new_wt = 1.0 if adjust else alpha
-    for c0 in range(first, stop, _BLOCK):
-        n = _imin(_BLOCK, stop - c0)
-        avg = np.full(n, _NAN)
-        old_wt = np.ones(n)
-        nobs = np.zeros(n)
-        for t in range(T):
-            xr = x[t, c0:c0 + n]
-            row = out[t, c0:c0 + n]
-            for j in range(n):
-                v = np.float64(xr[j])
-                ok = v == v
-                m = avg[j]
-                started = m == m
-                step = started & (ok | (not ignore_na))  # the past decays
-                wt = old_wt[j] * decay if step else old_wt[j]
-                blended = (wt * m + new_wt * v) / (wt + new_wt) if m != v else m
-                first_obs = ok & (not started)
-                m = blended if step & ok else (v if first_obs else m)
-                wt = (wt + new_wt if adjust else 1.0) if step & ok else (1.0 if first_obs else wt)
-                nobs[j] += 1.0 if ok else 0.0
-                avg[j] = m + 0.0
-                old_wt[j] = wt + 0.0
-                row[j] = m if nobs[j] >= min_periods else _NAN
+    gap_decay = 1.0 if ignore_na else decay  # how the past decays over a missing value
+    n = stop - first
+    avg = np.full(n, _NAN)
+    old_wt = np.ones(n)
+    nobs = np.zeros(n)
+    lo = float(min_periods)
+    for t in range(T):
+        xr, row = x[t, first:stop], out[t, first:stop]
+        if min_periods > 1:
+            _ewm_mean_row(True, xr, row, avg, old_wt, nobs, decay, gap_decay, new_wt, adjust, lo)
+        else:
+            _ewm_mean_row(False, xr, row, avg, old_wt, nobs, decay, gap_decay, new_wt, adjust, lo)
+
+
+@njit(inline="always")
+def _ewm_var_row(count_obs, xr, row, avg, var, sum_wt2, old_wt, nobs, decay, gap_decay, new_wt, adjust, bias,
+                 take_sqrt, lo):
+    """One row of ``_ewm_var_kernel`` (``count_obs`` as in ``_ewm_mean_row``)."""
+    for j in range(row.shape[0]):
+        v = np.float64(xr[j])
+        ok = v == v
+        m = avg[j]
+        started = m == m
+        f = decay if ok else gap_decay
+        wt = old_wt[j] * f
+        sw2 = sum_wt2[j] * (f * f)
+        mm = m if started else v
+        inv = 1.0 / (wt + new_wt)
+        m1 = mm if mm == v else (wt * mm + new_wt * v) * inv
+        va1 = (wt * (var[j] + (mm - m1) * (mm - m1)) + new_wt * (v - m1) * (v - m1)) * inv
+        wt1 = wt + new_wt
+        sw21 = sw2 + new_wt * new_wt
+        if not adjust:
+            sw21 = sw21 / (wt1 * wt1)
+            wt1 = 1.0
+        upd = ok & started
+        m = m1 if ok else m
+        va = va1 if upd else (0.0 if ok else var[j])
+        sw2 = sw21 if upd else (1.0 if ok else sw2)
+        wt = wt1 if upd else (1.0 if ok else wt)
+        avg[j] = m + 0.0
+        var[j] = va + 0.0
+        sum_wt2[j] = sw2 + 0.0
+        old_wt[j] = wt + 0.0
+        num = wt * wt
+        den = num - sw2
+        res = va if bias else (num / den * va if den > 0.0 else _NAN)
+        if count_obs:
+            c = nobs[j] + (1.0 if ok else 0.0)
+            nobs[j] = c
+            res = res if (c >= lo) & (m == m) else _NAN
+        else:
+            res = res if m == m else _NAN
+        if take_sqrt:
+            res = math.sqrt(res if res > 0.0 else 0.0) if res == res else _NAN
+        row[j] = res
 
 
 @njit(**_JIT)
 def _ewm_var_kernel(x, out, com, adjust, ignore_na, min_periods, bias, take_sqrt, first, stop):
-    """Exponentially weighted variance (ewmcov with y = x), debiased unless ``bias``."""
+    """Exponentially weighted variance (ewmcov with y = x), debiased unless ``bias``. pandas'
+    ``sum_wt`` always equals ``old_wt`` (same start, same updates; 1 after each value without
+    ``adjust``), so one is kept."""
     T = x.shape[0]
     alpha = 1.0 / (1.0 + com)
     decay = 1.0 - alpha
     new_wt = 1.0 if adjust else alpha
-    for c0 in range(first, stop, _BLOCK):
-        n = _imin(_BLOCK, stop - c0)
-        avg = np.full(n, _NAN)
-        var = np.zeros(n)
-        sum_wt = np.ones(n)
-        sum_wt2 = np.ones(n)
-        old_wt = np.ones(n)
-        nobs = np.zeros(n)
-        for t in range(T):
-            xr = x[t, c0:c0 + n]
-            row = out[t, c0:c0 + n]
-            for j in range(n):
-                v = np.float64(xr[j])
-                ok = v == v
-                m = avg[j]
-                started = m == m
-                step = started & (ok | (not ignore_na))
-                sw = sum_wt[j] * decay if step else sum_wt[j]
-                sw2 = sum_wt2[j] * (decay * decay) if step else sum_wt2[j]
-                wt = old_wt[j] * decay if step else old_wt[j]
-                m1 = (wt * m + new_wt * v) / (wt + new_wt) if m != v else m
-                va1 = (wt * (var[j] + (m - m1) * (m - m1)) + new_wt * (v - m1) * (v - m1)) / (wt + new_wt)
-                sw1 = sw + new_wt
-                sw21 = sw2 + new_wt * new_wt
-                wt1 = wt + new_wt
-                if not adjust:
-                    sw1 = sw1 / wt1
-                    sw21 = sw21 / (wt1 * wt1)
-                    wt1 = 1.0
-                upd = step & ok
-                first_obs = ok & (not started)
-                m = m1 if upd else (v if first_obs else m)
-                va = va1 if upd else (0.0 if first_obs else var[j])
-                sw = sw1 if upd else (1.0 if first_obs else sw)
-                sw2 = sw21 if upd else (1.0 if first_obs else sw2)
-                wt = wt1 if upd else (1.0 if first_obs else wt)
-                nobs[j] += 1.0 if ok else 0.0
-                avg[j] = m + 0.0
-                var[j] = va + 0.0
-                sum_wt[j] = sw + 0.0
-                sum_wt2[j] = sw2 + 0.0
-                old_wt[j] = wt + 0.0
-                num = sw * sw
-                den = num - sw2
-                res = va if bias else (num / den * va if den > 0.0 else _NAN)
-                res = res if (nobs[j] >= min_periods) & (m == m) else _NAN
-                if take_sqrt:
-                    res = math.sqrt(res if res > 0.0 else 0.0) if res == res else _NAN
-                row[j] = res
+    gap_decay = 1.0 if ignore_na else decay
+    n = stop - first
+    avg = np.full(n, _NAN)
+    var = np.zeros(n)
+    sum_wt2 = np.ones(n)
+    old_wt = np.ones(n)
+    nobs = np.zeros(n)
+    lo = float(min_periods)
+    for t in range(T):
+        xr, row = x[t, first:stop], out[t, first:stop]
+        if min_periods > 1:
+            _ewm_var_row(True, xr, row, avg, var, sum_wt2, old_wt, nobs, decay, gap_decay, new_wt, adjust, bias,
+                         take_sqrt, lo)
+        else:
+            _ewm_var_row(False, xr, row, avg, var, sum_wt2, old_wt, nobs, decay, gap_decay, new_wt, adjust, bias,
+                         take_sqrt, lo)
 
 
 # ==================================================================== lags and cross-sections
@@ -570,20 +708,23 @@ def _lag_kernel(x, out, periods, what, first, stop):
     T, M = x.shape
     for t in range(first, stop):
         s = t - periods
+        row = out[t]
         if s < 0 or s >= T:
-            out[t, :] = _NAN
+            row[:] = _NAN
             continue
-        for j in range(M):
-            v = np.float64(x[t, j])
-            u = np.float64(x[s, j])
-            if what == _SHIFT:
-                out[t, j] = u
-            elif what == _DIFF:
-                out[t, j] = v - u
-            elif what == _PCT:
-                out[t, j] = v / u - 1.0
-            else:
-                out[t, j] = np.log(v / u)
+        now, then = x[t], x[s]
+        if what == _SHIFT:
+            for j in range(M):
+                row[j] = then[j]
+        elif what == _DIFF:
+            for j in range(M):
+                row[j] = np.float64(now[j]) - np.float64(then[j])
+        elif what == _PCT:
+            for j in range(M):
+                row[j] = np.float64(now[j]) / np.float64(then[j]) - 1.0
+        else:
+            for j in range(M):
+                row[j] = np.log(np.float64(now[j]) / np.float64(then[j]))
 
 
 @njit(**_JIT)

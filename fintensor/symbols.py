@@ -135,3 +135,13 @@ def from_path_segment(segment: str) -> str:
     from urllib.parse import unquote
 
     return unquote(segment)
+
+
+def lookup(items, symbol: str):
+    """The item of ``items`` (anything with a ``.symbol``) for ``symbol`` in any spelling: a report's
+    ``report["BRK.B"]`` is BRK-B's result. KeyError when none is."""
+    sym = normalize(symbol)
+    for item in items:
+        if item.symbol == sym:
+            return item
+    raise KeyError(symbol)

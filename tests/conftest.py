@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["yahoo_stub"]  # its fake_yahoo fixture: Yahoo's chart API answered from recorded shapes
 
 
 def shared_data_dir() -> Path:
@@ -115,3 +116,14 @@ def us_minute_store(tmp_path_factory, shared_data):
     return _imported_store(tmp_path_factory, shared_data, "us_minute_store",
                            *((f"{lean}{sym}/201310*_trade.zip", {}) for sym in ("spy", "ibm", "aig", "bac")))
 # ================================================================= end section: real-data fixtures
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

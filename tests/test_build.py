@@ -18,7 +18,7 @@ from fintensor.cli import main
 from fintensor.errors import BadInputError, MissingDataError
 from fintensor.recipes import Recipe, load_recipe
 from fintensor.store import Store
-from yahoo_stub import fake_yahoo, session_bars  # noqa: F401 (fake_yahoo is a fixture)
+from yahoo_stub import session_bars
 
 REPO = Path(__file__).resolve().parents[1]
 BAOSTOCK = "cn_daily/baostock_qfq/panel_2018-01_2020-08/"
@@ -51,9 +51,13 @@ def cn_panel(cn_daily_store):
 
 # --------------------------------------------------------------------------------------- daily panels
 def test_cn_panel_time_axis_is_the_xshg_calendar(cn_panel):
+    import warnings
+
     import exchange_calendars as xc
 
-    expected = xc.get_calendar("XSHG").sessions_in_range("2019-01-01", "2019-12-31")
+    with warnings.catch_warnings():  # pandas 3.1 deprecation notices from inside exchange_calendars
+        warnings.simplefilter("ignore", DeprecationWarning)
+        expected = xc.get_calendar("XSHG").sessions_in_range("2019-01-01", "2019-12-31")
     assert len(cn_panel.coords["time"]) == 244 == len(expected)
     np.testing.assert_array_equal(cn_panel.coords["time"], expected.values.astype("datetime64[D]"))
     assert cn_panel.meta["calendar"] == "XSHG" and cn_panel.shape == (244, 31, 2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from yahoo_stub import FakeTime, fake_yahoo, session_bars  # noqa: F401 (fake_yahoo is a fixture)
+from yahoo_stub import FakeTime, session_bars
 
 import fintensor as ft
 from fintensor.cli import main

@@ -51,7 +51,7 @@ def test_the_test_command_is_what_ci_runs():
           if line.strip() and not line.lstrip().startswith("#")]
     ci_steps = [s for line in ci for s in line]
     tests = steps(quick_start_commands()[1])
-    assert ["pytest"] in tests, "the second quick-start command runs the tests"
+    assert any(step[:1] == ["pytest"] for step in tests), "the second quick-start command runs the tests"
     for step in tests:
         assert step in ci_steps, f"`{' '.join(step)}` from the README is not in .ci/run"
 

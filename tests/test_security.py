@@ -273,5 +273,5 @@ def test_the_whole_pipeline_runs_without_unpickling_or_a_shell(tmp_path, shared_
                             meta={"horizon": 1, "lag": 0})
     ft.train(features, labels, model="mlp", hidden=4, layers=1, lookback=3, epochs=1, batch_size=32,
              out=str(tmp_path / "run"), progress=False, device="cpu")
-    scores = ft.predict(tmp_path / "run", features)
+    scores = ft.predict(tmp_path / "run", features, device="cpu")
     assert scores.shape == labels.shape and calls == []

@@ -600,7 +600,7 @@ def test_two_processes_write_the_same_symbol(tmp_path):
     back = store.read("AAPL", as_pandas=True)
     days = pd.bdate_range("2020-01-01", periods=60)
     np.testing.assert_array_equal(back.date.to_numpy().astype("datetime64[D]"), days.to_numpy().astype("datetime64[D]"))
-    np.testing.assert_array_equal(back.close.to_numpy(), days.dayofyear.to_numpy().astype(float))
+    np.testing.assert_array_equal(back.close.to_numpy(), days.day_of_year.to_numpy().astype(float))
     assert store.verify() == []
 
 

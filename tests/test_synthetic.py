@@ -143,7 +143,7 @@ def test_ic_helper_matches_pandas(mkt):
     both = pred.notna() & realised.notna()
     ref = pred.corrwith(realised, axis=1, drop=False)
     flat = pred.where(both).nunique(axis=1) == 1
-    ref = ref.mask(flat, 0.0)[both.sum(1) >= 3].dropna()  # a constant prediction scores 0
+    ref = ref.mask(flat, 0.0)[both.sum(axis=1) >= 3].dropna()  # a constant prediction scores 0
     assert flat.iloc[0]  # day 0: no history yet, the oracle is the drift for everyone
     np.testing.assert_allclose(mkt.daily_ic(pred), ref.to_numpy(), rtol=1e-9)
     close = mkt.panel("close").where(mkt.panel("status") == 1)
@@ -189,7 +189,7 @@ def test_ticks_inside_continuous_session(cn_market, cn_ticks):
     days = np.unique(t.date)
     segs = calendars.segments("XSHG", days)
     assert segs.shape[1] == 2  # a lunch break
-    ns = t.time.to_numpy().astype("datetime64[ns]").astype(np.int64)
+    ns = pd.to_datetime(t.time, utc=True).dt.tz_convert(None).to_numpy().astype("datetime64[ns]").astype(np.int64)
     day_i = np.searchsorted(days, t.date.to_numpy())
     inside = np.zeros(len(t), bool)
     for s in range(segs.shape[1]):

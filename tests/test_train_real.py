@@ -21,12 +21,7 @@ TINY = dict(model="gru", hidden=8, layers=1, lookback=5, epochs=2, batch_size=51
             device="cpu", progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_matches_reference(scores, labels, start, end):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from yahoo_stub import FakeTime, fake_yahoo, session_bars  # noqa: F401 (fake_yahoo is a fixture)
+from yahoo_stub import FakeTime, session_bars
 
 import fintensor as ft
 from fintensor import calendars

@@ -170,11 +170,7 @@ class ImportReport:
         return [f"{r.symbol}: {w}" for r in self.results for w in r.warnings]
 
     def __getitem__(self, symbol: str) -> SymbolResult:
-        sym = _symbols.normalize(symbol)
-        for r in self.results:
-            if r.symbol == sym:
-                return r
-        raise KeyError(symbol)
+        return _symbols.lookup(self.results, symbol)
 
     def __str__(self) -> str:
         return "\n".join([str(r) for r in self.results] + [f"warning: {w}" for w in self.warnings])

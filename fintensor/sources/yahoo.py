@@ -103,11 +103,7 @@ class DownloadReport:
 
     def __getitem__(self, symbol: str) -> SymbolResult:
         """The result for ``symbol`` in any spelling (``report["BRK.B"]`` is BRK-B's)."""
-        sym = _symbols.normalize(symbol)
-        for r in self.results:
-            if r.symbol == sym:
-                return r
-        raise KeyError(symbol)
+        return _symbols.lookup(self.results, symbol)
 
     @property
     def ok(self) -> bool:
