@@ -8,9 +8,16 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["yahoo_stub"]  # its fake_yahoo fixture: Yahoo's chart API answered from recorded shapes
+
+# CI replays the same generated examples every run (a red CI must be reproducible); locally hypothesis
+# keeps exploring new ones and replays any failure from its .hypothesis database.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def shared_data_dir() -> Path:
