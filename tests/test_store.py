@@ -358,7 +358,8 @@ def test_polars_reads_the_store_directly(mixed_store):
 
 def _readme_store_section() -> str:
     text = (REPO / "README.md").read_text()
-    return text[text.index("<!-- section: store -->"):text.index("<!-- end section: store -->")]
+    start = text.index("\n## The store\n")
+    return text[start:text.index("\n## ", start + 1)]
 
 
 def test_readme_query_snippets_run(mixed_store, monkeypatch):
