@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .errors import BadInputError
+from .tensor import _to_datetime64
 
 MISSING = ("drop", "zero")
 CS_NORMS = ("zscore", "rank")
@@ -154,18 +155,6 @@ class Segment:
     last: int
 
 
-def _date(x, times: np.ndarray, name: str) -> np.datetime64:
-    import pandas as pd
-
-    try:
-        ts = pd.Timestamp(x)
-    except (ValueError, TypeError):
-        raise BadInputError(f"segment {name!r}: cannot read {x!r} as a date; write it like '2019-01-31'") from None
-    if ts is pd.NaT:
-        raise BadInputError(f"segment {name!r}: {x!r} is not a date")
-    return ts.to_datetime64().astype(times.dtype)
-
-
 def _text(d: np.datetime64) -> str:
     return str(d.astype("datetime64[D]")) if np.datetime_data(d.dtype)[0] == "D" else str(d)[:19]
 
@@ -197,12 +186,13 @@ def resolve_segments(times: np.ndarray, segments) -> dict[str, Segment]:
     for name, rng in segments.items():
         if not isinstance(rng, (tuple, list)) or len(rng) != 2:
             raise BadInputError(f"segment {name!r} must be a (start, end) pair of dates, got {rng!r}")
-        lo = 0 if rng[0] is None else int(np.searchsorted(times, _date(rng[0], times, name), "left"))
+        what = f"segment {name!r}"
+        lo = 0 if rng[0] is None else int(np.searchsorted(times, _to_datetime64(rng[0], times, what)[0], "left"))
         if rng[1] is None:
             hi = len(times) - 1
         else:
-            end = _date(rng[1], times, name)
-            if np.datetime_data(times.dtype)[0] != "D" and len(str(rng[1])) <= 10:
+            end, whole_day = _to_datetime64(rng[1], times, what)
+            if np.datetime_data(times.dtype)[0] != "D" and whole_day:
                 end = end + np.timedelta64(1, "D") - np.timedelta64(1, "ns")  # a date names its whole day
             hi = int(np.searchsorted(times, end, "right")) - 1
         if hi < lo:
