@@ -399,8 +399,8 @@ class Store:
                     adjusted_as_of=adjusted_as_of, timezone=tz,
                     units=units or {"volume": "shares", "price_scale": 1})
         pdir = self.partition_dir(sym, interval)
-        if dry_run:
-            return self._plan(pdir, table, meta, on_conflict).result
+        if dry_run:  # no lock: a writer may commit meanwhile, and the plan starts again from its manifest
+            return _lock_free(lambda: self._plan(pdir, table, meta, on_conflict).result, pdir)
         with self.lock():
             result = self._commit(pdir, self._plan(pdir, table, meta, on_conflict))
             if alias:
@@ -430,7 +430,8 @@ class Store:
                                        on_conflict)
 
         if dry_run:
-            return [plan.result for _, plan in plan_every_day()]
+            return _lock_free(lambda: [plan.result for _, plan in plan_every_day()],
+                              self.partition_dir(sym, kind="ticks"))
         with self.lock():
             plans = list(plan_every_day())
             results = [self._commit(pdir, plan) for pdir, plan in plans]
@@ -621,15 +622,13 @@ class Store:
 
         Lock-free: if a writer commits and deletes the parts we were reading, re-read the new manifest.
         """
-        for attempt in range(50):
+        def read():
             man = self._load_manifest(pdir)
             if man is None:
                 return None, None
-            try:
-                return man, self._read_parts(pdir, select(man), columns, verify, kind=kind)
-            except _Vanished:
-                time.sleep(0.01 * (attempt + 1))
-        raise StoreCorruptError(f"{pdir}: parts kept vanishing while reading; is a writer looping?")
+            return man, self._read_parts(pdir, select(man), columns, verify, kind=kind)
+
+        return _lock_free(read, pdir)
 
     def read_partition(self, symbol: str, interval: str = "1d", start=None, end=None,
                        columns: Sequence[str] | None = None, verify: bool = True) -> pa.Table:
@@ -897,7 +896,18 @@ class Store:
 
 # ------------------------------------------------------------------------------------- internals
 class _Vanished(Exception):
-    pass
+    """A part listed by the manifest just read is gone: a writer committed and removed it meanwhile."""
+
+
+def _lock_free(read, where):
+    """``read()`` without the store's lock: when a writer commits and deletes the parts it was reading,
+    start again (from the new manifest)."""
+    for attempt in range(50):
+        try:
+            return read()
+        except _Vanished:
+            time.sleep(0.01 * (attempt + 1))
+    raise StoreCorruptError(f"{where}: parts kept vanishing while reading; is a writer looping?")
 
 
 @dataclasses.dataclass
