@@ -176,10 +176,8 @@ def _pandas_com1_regression(x: np.ndarray, params: dict) -> bool:
     """pandas 3.0-3.1 special-cases com == 1 (alpha 0.5) with adjust=False, ignore_na=False in a way
     that is wrong once NaN appear (pandas GH#31178, GH#66521: [1, nan, 5] gives 4.0 instead of 2.3's
     3.667); no oracle there, the documented weights are checked by ``test_ewm_nan_weights_by_hand``."""
-    com = {"com": lambda v: v, "span": lambda v: (v - 1) / 2, "alpha": lambda v: 1 / v - 1,
-           "halflife": lambda v: 1 / (1 - np.exp(np.log(0.5) / v)) - 1}
-    (name, value), = ((k, v) for k, v in params.items() if k in com)
-    return (not params["adjust"] and not params["ignore_na"] and abs(com[name](value) - 1) < 1e-9
+    com = rolling._center_of_mass(*(params.get(k) for k in ("com", "span", "halflife", "alpha")))
+    return (not params["adjust"] and not params["ignore_na"] and abs(com - 1) < 1e-9
             and bool(np.isnan(x).any()))
 
 

@@ -46,22 +46,25 @@ def closes(market) -> np.ndarray:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def segmented_market(n_stocks: int, n_days: int, seed: int, valid_from: int, test_from: int):
+    """(market, features, labels, segments) of a planted-signal market split at day indices."""
+    m = ft.synthetic.market(n_stocks=n_stocks, n_days=n_days, seed=seed, signal=1.0)
+    d = [str(x) for x in m.dates]
+    segments = {"train": (d[0], d[valid_from - 1]), "valid": (d[valid_from], d[test_from - 1]),
+                "test": (d[test_from], d[-1])}
+    return m, *tensors_from_close(closes(m), m.dates, m.symbols), segments
+
+
 @pytest.fixture(scope="module")
 def planted():
     """100 stocks x 700 days, signal 1 (oracle daily IC ~0.15): 400 train, 150 valid, 150 test days."""
-    m = ft.synthetic.market(n_stocks=100, n_days=700, seed=1, signal=1.0)
-    d = [str(x) for x in m.dates]
-    segments = {"train": (d[0], d[399]), "valid": (d[400], d[549]), "test": (d[550], d[-1])}
-    return m, *tensors_from_close(closes(m), m.dates, m.symbols), segments
+    return segmented_market(100, 700, seed=1, valid_from=400, test_from=550)
 
 
 @pytest.fixture(scope="module")
 def small():
     """A small market for the mechanics tests: 30 stocks x 160 days."""
-    m = ft.synthetic.market(n_stocks=30, n_days=160, seed=7, signal=1.0)
-    d = [str(x) for x in m.dates]
-    segments = {"train": (d[0], d[99]), "valid": (d[100], d[129]), "test": (d[130], d[-1])}
-    return m, *tensors_from_close(closes(m), m.dates, m.symbols), segments
+    return segmented_market(30, 160, seed=7, valid_from=100, test_from=130)
 
 
 SMALL = dict(model="gru", hidden=8, layers=1, lookback=10, epochs=3, batch_size=128, missing="zero",
