@@ -14,7 +14,7 @@ import textwrap
 from typing import Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
-COMMANDS: list[str] = []  # each section below appends the subcommands it defines, in help order
+COMMANDS: list[tuple] = []  # (add_<name>, cmd_<name>) of each subcommand, appended by its section, in help order
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -115,7 +115,7 @@ def cmd_download(args) -> int:
     return EXIT_OK
 
 
-COMMANDS.append("download")
+COMMANDS.extend([(add_download, cmd_download)])
 
 
 def add_import(sub, common):
@@ -160,7 +160,7 @@ def cmd_import(args) -> int:
     return EXIT_OK
 
 
-COMMANDS.append("import")
+COMMANDS.extend([(add_import, cmd_import)])
 # ================================================================= end section: download, import
 
 # -------------------------------------------------------------------------------------------- cache
@@ -226,7 +226,7 @@ def cmd_cache(args) -> int:
     raise AssertionError(args.cache_cmd)
 
 
-COMMANDS.append("cache")
+COMMANDS.extend([(add_cache, cmd_cache)])
 
 
 # ========================================================================= section: build, show (tensors)
@@ -307,7 +307,7 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
-COMMANDS.extend(["build", "show"])
+COMMANDS.extend([(add_build, cmd_build), (add_show, cmd_show)])
 # ====================================================================== end section: build, show
 
 # ================================================================ section: train, predict, evaluate
@@ -541,7 +541,7 @@ def cmd_evaluate(args) -> int:
     return EXIT_OK
 
 
-COMMANDS.extend(["train", "predict", "evaluate"])
+COMMANDS.extend([(add_train, cmd_train), (add_predict, cmd_predict), (add_evaluate, cmd_evaluate)])
 # ============================================================== end section: train, predict, evaluate
 
 # ================================================================================= section: demo
@@ -582,7 +582,7 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
-COMMANDS.append("demo")
+COMMANDS.extend([(add_demo, cmd_demo)])
 # ============================================================================= end section: demo
 
 
@@ -613,8 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"fintensor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        globals()[f"add_{name}"](sub, common)
+    for add, run in COMMANDS:
+        add(sub, common)
+        sub.choices[add.__name__.removeprefix("add_")].set_defaults(func=run)
     return parser
 
 
@@ -627,9 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage; bad usage is bad input
         return EXIT_OK if exc.code in (0, None) else EXIT_BAD_INPUT
-    name = args.command
     try:
-        return int(globals()[f"cmd_{name}"](args) or 0)
+        return int(args.func(args) or 0)
     except FintensorError as exc:
         if getattr(args, "debug", False):
             import traceback
