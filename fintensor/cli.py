@@ -323,7 +323,7 @@ def _training_inputs(args, spec: str):
         feats = data if spec == "none" else ft_features.compute(data, spec)
     except BadInputError as exc:
         raise BadInputError(f"{args.data} cannot give --features {spec} ({exc}); train on its own features "
-                            "with --features none, or build it with --fields open,high,low,close,volume") from None
+                            "with --features none, or build it with --fields open high low close volume") from None
     if getattr(args, "labels", None):
         return feats, load(args.labels)
     if "feature" not in data.dims or "close" not in set(map(str, data.coords["feature"])):
