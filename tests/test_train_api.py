@@ -279,3 +279,24 @@ def test_long_short_with_fewer_than_five_stocks_says_why_it_is_nan(trained, caps
         assert "long_short is NaN" in out
         days = [line for line in out.splitlines() if line.startswith("days")]
         assert len(days) == 1 and ".0" not in days[0], days
+
+
+# ------------------------------------------------------------------------------------------------ layout
+@pytest.mark.parametrize("module, allowed", [
+    ("config", {"checks", "errors"}),
+    ("progress", {"fileio"}),
+    ("checkpoint", {"config", "data", "errors", "fileio", "models", "tensor"}),
+    ("metrics", {"checks", "data", "errors", "tensor"}),
+    ("trainer", {"checkpoint", "config", "data", "errors", "features", "fileio", "metrics", "models", "progress",
+                 "tensor"}),
+])
+def test_the_training_modules_import_only_below_themselves(module, allowed):
+    """The loop sits on config, checkpoint and progress; none of them imports the loop or the CLI."""
+    import ast
+
+    tree = ast.parse((REPO / "fintensor" / f"{module}.py").read_text())
+    imported = {node.module.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
+                 and not node.module for alias in node.names}
+    assert imported <= allowed, imported - allowed
