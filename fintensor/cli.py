@@ -403,19 +403,28 @@ _TRAIN_FLAGS = ("horizon", "lag", "model", "lookback", "hidden", "layers", "drop
 
 def cmd_train(args) -> int:
     import os
+    import re
 
+    from .config import TrainConfig
+    from .errors import BadInputError
     from .trainer import train
 
     def unless_none(value):
         return None if value in ("none", 0) else value
 
-    features, labels = _training_inputs(args, args.features)
     master = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 prints
-    result = train(features, labels, out=args.out, segments=_segments(args),
-                   cs_norm=unless_none(args.cs_norm), feature_norm=unless_none(args.feature_norm),
-                   label_norm=unless_none(args.label_norm), clip=unless_none(args.clip),
-                   clip_grad=unless_none(args.clip_grad), bf16=not args.no_bf16,
+    options = dict(out=args.out, segments=_segments(args), cs_norm=unless_none(args.cs_norm),
+                   feature_norm=unless_none(args.feature_norm), label_norm=unless_none(args.label_norm),
+                   clip=unless_none(args.clip), clip_grad=unless_none(args.clip_grad), bf16=not args.no_bf16,
                    progress=master and not (args.quiet or args.json), **{k: getattr(args, k) for k in _TRAIN_FLAGS})
+    try:  # every setting is checked before DATA is read; a message names the flag, not the Python keyword
+        config = TrainConfig(**options)
+    except BadInputError as exc:
+        flag = re.match(r"(?:unknown )?(\w+)", str(exc))[1]
+        raise BadInputError(str(exc).replace(flag, "--" + flag.replace("_", "-"), 1)
+                            if flag in options else str(exc)) from None
+    features, labels = _training_inputs(args, args.features)
+    result = train(features, labels, config)
     if master:
         payload = {"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
                    "epochs": len(result.history), "metrics": result.metrics}

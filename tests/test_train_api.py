@@ -196,7 +196,8 @@ def test_cli_refuses_nan_making_options_with_one_line(trained, tmp_path, capsys,
     code = cli_main(["train", str(data), "--out", str(tmp_path / "r"), "--features", "none", "--device", "cpu",
                      "--quiet", flag, value])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert code == 2 and err == [f"error: {flag} must be {'in [0, 1)' if value == '5' else 'a finite number'}, "
+                                 f"got {value}"], err
     assert not (tmp_path / "r").exists()
 
 
