@@ -30,6 +30,7 @@ _API = {
     "metrics": "metrics:",
     "train": "trainer:train",
     "predict": "trainer:predict",
+    "TrainConfig": "config:TrainConfig",
     "evaluate": "metrics:evaluate",
     "symbols": "symbols:",
     "calendars": "calendars:",

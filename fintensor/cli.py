@@ -316,11 +316,14 @@ def _training_inputs(args, spec: str):
     "none"); labels from --labels, else DATA's close as forward returns (--horizon, --lag)."""
     from . import features as ft_features
     from .errors import BadInputError
-    from .tensor import StockTensor, load
+    from .tensor import load
 
     data = load(args.data)
-    feats = data if spec == "none" else ft_features.compute(data, spec)
-    feats = StockTensor(feats.values, feats.dims, feats.coords, feats.mask, {**feats.meta, "feature_spec": spec})
+    try:
+        feats = data if spec == "none" else ft_features.compute(data, spec)
+    except BadInputError as exc:
+        raise BadInputError(f"{args.data} cannot give --features {spec} ({exc}); train on its own features "
+                            "with --features none, or build it with --fields open high low close volume") from None
     if getattr(args, "labels", None):
         return feats, load(args.labels)
     if "feature" not in data.dims or "close" not in set(map(str, data.coords["feature"])):
@@ -400,19 +403,28 @@ _TRAIN_FLAGS = ("horizon", "lag", "model", "lookback", "hidden", "layers", "drop
 
 def cmd_train(args) -> int:
     import os
+    import re
 
+    from .config import TrainConfig
+    from .errors import BadInputError
     from .trainer import train
 
     def unless_none(value):
         return None if value in ("none", 0) else value
 
-    features, labels = _training_inputs(args, args.features)
     master = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 prints
-    result = train(features, labels, out=args.out, segments=_segments(args),
-                   cs_norm=unless_none(args.cs_norm), feature_norm=unless_none(args.feature_norm),
-                   label_norm=unless_none(args.label_norm), clip=unless_none(args.clip),
-                   clip_grad=unless_none(args.clip_grad), bf16=not args.no_bf16,
+    options = dict(out=args.out, segments=_segments(args), cs_norm=unless_none(args.cs_norm),
+                   feature_norm=unless_none(args.feature_norm), label_norm=unless_none(args.label_norm),
+                   clip=unless_none(args.clip), clip_grad=unless_none(args.clip_grad), bf16=not args.no_bf16,
                    progress=master and not (args.quiet or args.json), **{k: getattr(args, k) for k in _TRAIN_FLAGS})
+    try:  # every setting is checked before DATA is read; a message names the flag, not the Python keyword
+        config = TrainConfig(**options)
+    except BadInputError as exc:
+        flag = re.match(r"(?:unknown )?(\w+)", str(exc))[1]
+        raise BadInputError(str(exc).replace(flag, "--" + flag.replace("_", "-"), 1)
+                            if flag in options else str(exc)) from None
+    features, labels = _training_inputs(args, args.features)
+    result = train(features, labels, config)
     if master:
         payload = {"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
                    "epochs": len(result.history), "metrics": result.metrics}
@@ -434,22 +446,13 @@ def add_predict(sub, common):
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
 
 
-def _features_for(checkpoint: str, data_path: str):
-    from . import features as ft_features
-    from .tensor import load
-    from .trainer import read_checkpoint
-
-    ckpt = read_checkpoint(checkpoint)
-    spec = ckpt.info.get("features_meta", {}).get("feature_spec", "none")
-    data = load(data_path)
-    return ckpt, (data if spec == "none" else ft_features.compute(data, spec))
-
-
 def cmd_predict(args) -> int:
+    from .fileio import check_output_path
+    from .tensor import load
     from .trainer import predict
 
-    ckpt, features = _features_for(args.checkpoint, args.data)
-    scores = predict(ckpt.path, features, device=args.device)
+    check_output_path(args.out, "--out")
+    scores = predict(args.checkpoint, load(args.data), device=args.device)
     path = scores.save(args.out)
     share = float(scores.mask.float().mean())
     _emit(args, {"path": str(path), "scored": share}, f"{scores!r}\nsaved: {path}")
@@ -477,30 +480,16 @@ def add_evaluate(sub, common):
 
 
 def _scores(path: str, args):
-    """A prediction tensor from a prediction file, or from a checkpoint scored on --data."""
-    from pathlib import Path
-
+    """A prediction tensor from a prediction file, or from a checkpoint (or run directory) scored on --data."""
     from .errors import BadInputError
     from .tensor import load
-    from .trainer import CHECKPOINT, FORMAT, predict
+    from .trainer import is_checkpoint, predict
 
-    p = Path(path)
-    target = p / CHECKPOINT if p.is_dir() else p
-    fmt = None
-    if target.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(target), framework="pt") as fh:
-                fmt = (fh.metadata() or {}).get("format")
-        except Exception:  # not safetensors at all: let load() name the problem
-            fmt = None
-    if fmt != FORMAT:
-        return load(target)
+    if not is_checkpoint(path):
+        return load(path)
     if not args.data:
         raise BadInputError(f"{path} is a checkpoint: pass --data FILE to score it")
-    ckpt, features = _features_for(str(target), args.data)
-    return predict(ckpt.path, features, device=args.device)
+    return predict(path, load(args.data), device=args.device)
 
 
 def cmd_evaluate(args) -> int:
@@ -512,33 +501,39 @@ def cmd_evaluate(args) -> int:
     if not (args.data or args.labels):
         raise BadInputError("pass --data FILE (labels from its close) or --labels FILE")
     preds = [_scores(path, args) for path in args.inputs]
-    meta = preds[0].meta
     if args.labels:
         labels = load(args.labels)
     else:
-        label = meta.get("label") or {}
+        label = preds[0].meta.get("label") or {}
         if not label:
             raise BadInputError(f"{args.inputs[0]} does not say its label horizon; pass --labels FILE")
         labels = ft_features.forward_returns(load(args.data).sel(feature="close"), horizon=label["horizon"],
                                              lag=label["lag"])
-    segment = args.segment or ("test" if "test" in (meta.get("segments") or {}) else "all")
-    start, end = (None, None) if segment == "all" else (meta.get("segments") or {}).get(segment, (None, None))
-    if segment != "all" and start is None:
-        raise BadInputError(f"{args.inputs[0]} has no {segment!r} segment; use --segment all or --start/--end")
-    start, end = args.start or start, args.end or end
     reports = [evaluate(p, labels, quantile=args.quantile, periods_per_year=args.periods_per_year,
-                        start=start, end=end) for p in preds]
+                        start=args.start, end=args.end, segment=args.segment or "auto") for p in preds]
+    segment, start, end = (reports[0].meta[k] for k in ("segment", "start", "end"))
     names = [str(x) for x in args.inputs]
     table = summarize(reports, names)
     if len(reports) > 1:
-        shown = table[names].map(lambda v: f"{v:.4f}")
-        shown["mean +- std"] = [f"{m:.4f} +- {s:.4f}" for m, s in zip(table["mean"], table["std"])]
-        text = shown.to_string()
+        shown = table[names].apply(lambda col: [_number(k, v) for k, v in col.items()])
+        shown["mean +- std"] = [f"{_number(k, m)} +- {_number(k, s)}"
+                                for k, m, s in zip(table.index, table["mean"], table["std"])]
+        text = "\n".join([shown.to_string(), *dict.fromkeys(n for r in reports for n in r.notes)])
     else:
         text = reports[0].table()
-    _emit(args, {"segment": segment, "start": start, "end": end, "runs": table.to_dict()},
+    runs = {name: {k: (int(v) if k == "days" and v == v else v) for k, v in column.items()}
+            for name, column in table.to_dict().items()}
+    _emit(args, {"segment": segment, "start": start, "end": end, "runs": runs,
+                 "notes": list(dict.fromkeys(n for r in reports for n in r.notes))},
           f"{segment} {start or ''} .. {end or ''}\n{text}")
     return EXIT_OK
+
+
+def _number(key: str, value: float) -> str:
+    """A metric as the table shows it: ``days`` (a count) as an integer, the rest with 4 decimals."""
+    if key == "days" and value == value and float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4f}"
 
 
 COMMANDS.extend([(add_train, cmd_train), (add_predict, cmd_predict), (add_evaluate, cmd_evaluate)])

@@ -27,8 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import checks
 from .data import average_rank
 from .errors import BadInputError
+from .tensor import StockTensor
 
 SUMMARY_KEYS = ("ic", "ic_std", "icir", "rank_ic", "rank_ic_std", "rank_icir", "long_short",
                 "long_short_ann", "long_short_sharpe", "turnover", "autocorr", "days")
@@ -76,9 +78,10 @@ class Evaluation:
     quantile: float
     periods_per_year: float
     meta: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)   # why a summary value is NaN, in words
 
     def table(self) -> str:
-        return "\n".join(f"{k:<18}{_fmt(v)}" for k, v in self.summary.items())
+        return "\n".join([*(f"{k:<18}{_fmt(v)}" for k, v in self.summary.items()), *self.notes])
 
     def __repr__(self) -> str:
         return f"Evaluation({len(self.daily)} days)\n{self.table()}"
@@ -94,7 +97,7 @@ def _frame(x, what: str) -> pd.DataFrame:
     """A (date x stock) float64 DataFrame from a StockTensor (time, stock) (unobserved -> NaN) or a DataFrame."""
     if isinstance(x, pd.DataFrame):
         return x.astype("float64")
-    if hasattr(x, "dims") and hasattr(x, "mask"):
+    if isinstance(x, StockTensor):
         if tuple(x.dims) != ("time", "stock"):
             raise BadInputError(f"{what} must have dims ('time', 'stock'), got {tuple(x.dims)}")
         values = x.values.detach().cpu().double().numpy().copy()
@@ -128,13 +131,16 @@ def daily_ic(pred, label, method: str = "pearson") -> pd.Series:
                      name="rank_ic" if method == "spearman" else "ic")
 
 
-def evaluate(pred, label, *, quantile: float = 0.2, periods_per_year: float = 252, start=None, end=None
-             ) -> Evaluation:
+def evaluate(pred, label, *, quantile: float = 0.2, periods_per_year: float = 252, start=None, end=None,
+             segment: str | None = None) -> Evaluation:
     """All metrics of the module docstring for predictions vs raw forward returns, each a StockTensor
     (time, stock) or a (date x stock) DataFrame, aligned on common dates/stocks, optionally within
-    [start, end]."""
-    if not 0 < quantile <= 0.5:
-        raise BadInputError(f"quantile must be in (0, 0.5], got {quantile!r}")
+    [start, end]. ``segment``: "train", "valid" or "test" evaluates the dates of that segment of the model
+    that made ``pred`` (``ft.predict`` records them); "auto" the test segment when there is one, else all
+    dates; None (default) all dates. ``start``/``end`` narrow it further."""
+    quantile = checks.number("quantile", quantile, lo=0.0, lo_open=True, hi=0.5)
+    periods_per_year = checks.positive("periods_per_year", periods_per_year)
+    segment, start, end = segment_dates(pred, segment, start, end)
     p_df, y_df = _aligned(pred, label, start, end)
     p, y = torch.tensor(p_df.to_numpy()), torch.tensor(y_df.to_numpy())
     ok = torch.isfinite(p) & torch.isfinite(y)
@@ -157,7 +163,41 @@ def evaluate(pred, label, *, quantile: float = 0.2, periods_per_year: float = 25
                           "autocorr": autocorr.numpy()}, index=p_df.index)
     with np.errstate(divide="ignore", invalid="ignore"):  # a perfect score has std 0: icir inf, like pandas
         summary = _summary(daily, periods_per_year)
-    return Evaluation(daily, summary, quantile, periods_per_year)
+    return Evaluation(daily, summary, quantile, periods_per_year,
+                      meta={"segment": segment, "start": None if start is None else str(start),
+                            "end": None if end is None else str(end)},
+                      notes=_nan_notes(summary, ok.sum(-1), quantile))
+
+
+def segment_dates(pred, segment: str | None, start=None, end=None) -> tuple[str, object, object]:
+    """(segment name, start, end) of the dates to evaluate: a segment's dates come from the predictions'
+    meta (``ft.predict`` writes the model's segments there); explicit ``start``/``end`` take precedence."""
+    if segment is None or segment == "all":
+        return "all", start, end
+    checks.choice("segment", segment, ("auto", "all", "train", "valid", "test"))
+    segments = (pred.meta or {}).get("segments") or {} if isinstance(pred, StockTensor) else {}
+    if segment == "auto":
+        if "test" not in segments:
+            return "all", start, end
+        segment = "test"
+    if segment not in segments:
+        have = ", ".join(sorted(segments)) or "none"
+        raise BadInputError(f"the predictions carry no {segment!r} segment (their model's segments: {have}); "
+                            "evaluate all dates (segment='all', CLI --segment all) or give start/end")
+    seg_start, seg_end = segments[segment]
+    return segment, start if start is not None else seg_start, end if end is not None else seg_end
+
+
+def _nan_notes(summary: dict, stocks_per_day: torch.Tensor, quantile: float) -> list[str]:
+    """Say why long-short (and turnover) is NaN when no day has enough stocks for a quantile of one."""
+    if math.isfinite(summary["long_short"]) or not len(stocks_per_day):
+        return []
+    need = math.ceil(1 / quantile - 1e-9)
+    most = int(stocks_per_day.max())
+    if most >= need:
+        return []
+    return [f"long_short is NaN: the top and bottom {quantile:.0%} of at most {most} scored stock(s) a day hold "
+            f"no stock (it needs >= {need} stocks a day); use a larger quantile (at most 0.5) or more stocks"]
 
 
 def _summary(daily: pd.DataFrame, periods_per_year: float) -> dict:
@@ -176,6 +216,8 @@ def _summary(daily: pd.DataFrame, periods_per_year: float) -> dict:
 def summarize(evaluations: Sequence[Evaluation], names: Sequence[str] | None = None) -> pd.DataFrame:
     """One column per run plus ``mean`` and ``std`` (ddof=1) across runs, one row per summary metric."""
     names = list(names) if names is not None else [f"run{i}" for i in range(len(evaluations))]
+    if len(names) != len(evaluations):
+        raise BadInputError(f"{len(names)} names for {len(evaluations)} evaluations")
     table = pd.DataFrame({n: e.summary for n, e in zip(names, evaluations)}).loc[list(SUMMARY_KEYS)]
     table = table.astype("float64")
     if len(evaluations) > 1:
