@@ -54,19 +54,24 @@ def cli_commands(readme: str = README) -> list[str]:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", body, re.S):
         for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\[(--[\w-]+(?: \w+)?)\]", r"\1", line)  # "[--json]" notation -> "--json"
             words = shlex.split(line, comments=True)
             if words:
                 commands.append(shlex.join(words))
     return commands
 
 
-def rewrite(command: str, tmp: Path) -> str:
+def rewrite(command: str) -> str:
     """The README command as run here (see the module docstring for every change)."""
-    for word, real in PLACEHOLDERS.items():
-        command = command.replace(word, real.format(data=DATA))
-    command = command.replace("../shared/data", str(DATA)).replace("datasets/", f"{REPO}/datasets/")
-    command = re.sub(r"\[(--[\w-]+(?: \S+)?)\]", r"\1", command)
-    words = shlex.split(command)
+    words = []
+    for word in shlex.split(command):
+        if word in PLACEHOLDERS:
+            word = PLACEHOLDERS[word].format(data=DATA)
+        elif word.startswith("../shared/data"):
+            word = str(DATA) + word[len("../shared/data"):]
+        elif word.startswith("datasets/"):
+            word = str(REPO / word)
+        words.append(word)
     if words[:2] == ["fintensor", "train"]:
         words += ["--epochs", "1"]
     if words[:2] == ["fintensor", "demo"]:
@@ -106,7 +111,7 @@ def test_readme_cli_commands_compose_in_one_store(tmp_path, shared_data):
     for readme_command in cli_commands():
         if any(readme_command.startswith(k) for k in NOT_RUN):
             continue
-        command = rewrite(readme_command, tmp_path)
+        command = rewrite(readme_command)
         if "run_seed0" in command:  # three seeds' runs: stand-ins copied from the one run trained above
             for seed in range(3):
                 shutil.copytree(work / "run", work / f"run_seed{seed}", dirs_exist_ok=True)
