@@ -414,8 +414,8 @@ def _figure_prices(fig, run: _Run) -> None:
              title=f"Daily close and volume of {' and '.join(run.pair)} ({run.source_name})")
     ax_p.legend(loc="upper left")
     ax_v.set(ylabel="volume (shares, log)", yscale="log",
-             xlabel=f"{calendar} session date\na break in a line = no trade that session "
-                    f"(suspended or not listed: {', '.join(missing)} sessions); holidays are not sessions")
+             xlabel=f"{calendar} session date (holidays are not sessions)\na break in a line = no trade that "
+                    f"session (suspended or not listed): {', '.join(missing)} sessions")
 
 
 def _figure_band(fig, run: _Run) -> None:
@@ -448,8 +448,10 @@ def _figure_ticks(fig, run: _Run) -> None:
                       extent=(0, minutes, len(price) - 0.5, -0.5))
     ax.set_yticks(range(len(price)), [str(d) for d in run.ticks.coords["day"]])
     source = run.ticks.meta.get("source", "synthetic ticks")
+    traded = run.ticks.sel(stock=symbol, feature="price").mask.numpy()
     ax.set(xlabel="minutes of continuous trading since the open (the lunch break is skipped)\n"
-                  f"grey = no trade in that {TICK_FREQ} slot",
+                  f"a slot without a trade ({1 - traded.mean():.0%} of them) shows the last trade's price; "
+                  "grey = no trade yet that day",
            ylabel="session date",
            title=f"{symbol}: last trade price per {TICK_FREQ} slot vs the day's first trade ({source})")
     fig.colorbar(image, ax=ax, label="change from the day's first trade (%)")
@@ -479,8 +481,9 @@ def _figure_ic(fig, run: _Run) -> None:
     ax = fig.subplots()
     ax.bar(shown.index, values, width=1.0, color=np.where(values >= 0, "tab:green", "tab:red"), label="daily IC")
     ax.axhline(values.mean(), color="black", lw=1, label=f"mean IC {values.mean():.3f}")
-    ax.set(xlabel=f"test session date ({len(shown)} sessions)\ndays without a bar: "
-                  f"{len(daily) - len(shown)} with too few stocks; weekends and holidays are not sessions",
+    ax.set(xlabel=f"test session date ({len(shown)} sessions; weekends and holidays are not sessions)\n"
+                  f"days without a bar: {len(daily) - len(shown)} (fewer than 2 stocks with a score and a known "
+                  "next return, e.g. the last day)",
            ylabel="IC (Pearson correlation across stocks)",
            title=f"Daily IC of the {run.model['model'].upper()}'s scores vs the next return, test days "
                  f"({run.source_name})")

@@ -49,6 +49,7 @@ def test_units_and_gaps_are_said(figures):
     assert "CNY" in plot_axes(figs["rolling_band"])[0].get_ylabel()
     assert "unadjusted" in plot_axes(figs["rolling_band"])[0].get_ylabel()  # the synthetic market is raw
     assert "suspended" in plot_axes(figs["prices"])[1].get_xlabel()
+    assert "without a trade" in plot_axes(figs["ticks_heatmap"])[0].get_xlabel()
     assert "shares" in plot_axes(figs["prices"])[1].get_ylabel()
     assert "holidays" in plot_axes(figs["daily_ic"])[0].get_xlabel()
 
