@@ -132,7 +132,8 @@ def add_download(sub, common):
              ("--timeout", dict(type=float, default=10.0, shown="--timeout SECONDS")),
              ("--workers", dict(type=int, default=4, shown="--workers N")))
     p.add_argument("--on-conflict", default="error", metavar="error|keep|overwrite",
-                   help="rows that disagree with the store: error, keep the stored, or overwrite")
+                   help="rows that disagree with the store: error (default), keep the stored, or "
+                        "overwrite")
 
 
 def cmd_download(args) -> int:
@@ -168,7 +169,8 @@ def add_import(sub, common):
                    + (f" (also {', '.join(aliases)})" if aliases else ""))
     p.add_argument("--ticks", action="store_true", help="the rows are ticks (trades), not bars")
     p.add_argument("--on-conflict", default="error", metavar="error|keep|overwrite",
-                   help="rows that disagree with the store: error, keep the stored, or overwrite")
+                   help="rows that disagree with the store: error (default), keep the stored, or "
+                        "overwrite")
     _compact(p, "layout and units (default: detected; see the README's table of formats)",
              ("--layout", dict(default="auto", shown="--layout auto|long|wide|file")),
              ("--field", dict(default="close", shown="--field F")),
@@ -653,7 +655,7 @@ def add_demo(sub, common):
                    help="figures, the model run and (unless --store) the store (default demo_out)")
     p.add_argument("--seed", type=int, default=0, help="of the synthetic market and of training (default 0)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 5)")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (default; a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--quick", action="store_true", help="a smaller market and model (for tests)")
 
 

@@ -72,6 +72,26 @@ def test_help_examples_parse():
             parser.parse_args(words)  # SystemExit (a test error) if argparse refuses it
 
 
+def test_help_states_the_true_defaults():
+    """An option with a default says it, and what it says is the parser's default ("(default X)" or
+    "X (default)"); the demo's --epochs (None = demo.EPOCHS) says demo.EPOCHS."""
+    from fintensor.demo import EPOCHS
+
+    for name, parser in every_parser():
+        for action in parser._actions:
+            if action.help in (None, argparse.SUPPRESS) or action.default in (None, False, argparse.SUPPRESS):
+                continue
+            said = re.search(r"\(default:? ([^;)]*)", action.help)
+            if said:
+                assert said.group(1) == str(action.default), (name, action.option_strings, action.help)
+            else:
+                assert re.search(rf"\b{re.escape(str(action.default))} \(default\b", action.help), \
+                    (name, action.option_strings, action.help)
+    demo = dict(every_parser())["demo"]
+    epochs = next(a for a in demo._actions if a.dest == "epochs")
+    assert f"(default {EPOCHS})" in epochs.help
+
+
 def test_demo_help_states_its_own_store_default():
     text = " ".join(help_text("demo").split())
     assert "--store PATH store directory (default: DIR/store inside --out" in text
