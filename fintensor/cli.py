@@ -693,8 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     parser = argparse.ArgumentParser(
         prog="fintensor", formatter_class=_Formatter,
-        description="Market data as labeled 0D-4D tensors: download or import into a Parquet store, build\n"
-                    "tensors, compute rolling features, train sequence models. `fintensor COMMAND --help` for more.\n\n"
+        description="Market data as labeled 0D-4D tensors: download or import into a Parquet store, build tensors,\n"
+                    "compute rolling features, train sequence models. `fintensor COMMAND --help` for more.\n\n"
                     "exit codes: 0 ok, 1 failure or partial failure, 2 bad input",
         epilog="examples:\n"
                "  fintensor demo                                      # the whole pipeline, offline\n"
