@@ -7,7 +7,9 @@ User errors print one line (``error: ...``); ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
 import shutil
 import sys
 import textwrap
@@ -24,19 +26,46 @@ def _store(args):
     return Store(args.store)
 
 
+HELP_WIDTH = 100  #: no help line is wider, on a terminal or not
+
+
+def _help_width() -> int:
+    """100 columns, or the terminal's width when a terminal is narrower (a pipe is never narrower)."""
+    if not sys.stdout.isatty():
+        return HELP_WIDTH
+    return min(HELP_WIDTH, shutil.get_terminal_size().columns)
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Help that fits a screen: options aligned at column 28, text wrapped at 100 columns."""
 
     def __init__(self, prog):
-        super().__init__(prog, max_help_position=28, width=min(100, shutil.get_terminal_size().columns))
+        super().__init__(prog, max_help_position=28, width=_help_width())
+
+
+def _example_lines(example: str, width: int = HELP_WIDTH - 4) -> list[str]:
+    """One example command, broken with shell continuations (`\\`) where it would pass ``width``."""
+    lines, line = [], ""
+    for word in example.split(" "):
+        if line and len(line) + 1 + len(word) > width - 2:
+            lines.append(line + " \\")
+            line = "    " + word
+        else:
+            line = f"{line} {word}" if line else word
+    return lines + [line]
+
+
+def _examples(*examples: str) -> str:
+    """The epilog every help ends with: 'example(s):' and the commands, indented, each under 100 columns."""
+    body = "\n".join(f"  {line}" for e in examples for line in _example_lines(e))
+    return "example" + ("s" if len(examples) > 1 else "") + ":\n" + body
 
 
 def _command(sub, common, name: str, summary: str, description: str, *examples: str, usage: str | None = None):
-    """A subcommand parser: the common flags, a wrapped description and its examples."""
-    text = "\n\n".join(textwrap.fill(par, 96) for par in description.split("\n\n"))
-    text += "\n\nexample" + ("s" if len(examples) > 1 else "") + ":\n" + "\n".join(f"  {e}" for e in examples)
+    """A subcommand parser: the common flags, a wrapped description, and its examples at the end."""
+    text = "\n\n".join(textwrap.fill(par, HELP_WIDTH - 4) for par in description.split("\n\n"))
     return sub.add_parser(name, parents=[common], help=summary, description=text, usage=usage,
-                          formatter_class=_Formatter)
+                          epilog=_examples(*examples), formatter_class=_Formatter)
 
 
 def _compact(parser, title: str, *flags: tuple[str, dict]):
@@ -94,14 +123,17 @@ def add_download(sub, common):
                    help="any common spelling: AAPL, BRK.B, 600519.SH, sh.600519, 000001.XSHE")
     p.add_argument("--start", metavar="DATE", help="first session date (default: full history / what is missing)")
     p.add_argument("--end", metavar="DATE", help="last session date, inclusive (default: now)")
-    p.add_argument("--interval", default="1d", help=f"{', '.join(INTERVALS)} (default 1d)")
+    p.add_argument("--interval", default="1d",
+                   help=f"{', '.join(INTERVALS)} (default 1d); intraday: 1m the last 30 days, 2m-90m the last "
+                        "60 days, 60m the last 730 days")
     _compact(p, "network",
              ("--retries", dict(type=int, default=5, shown="--retries N")),
              ("--max-wait", dict(type=float, default=120.0, shown="--max-wait SECONDS")),
              ("--timeout", dict(type=float, default=10.0, shown="--timeout SECONDS")),
              ("--workers", dict(type=int, default=4, shown="--workers N")))
     p.add_argument("--on-conflict", default="error", metavar="error|keep|overwrite",
-                   help="rows that disagree with the store: error, keep the stored, or overwrite")
+                   help="rows that disagree with the store: error (default), keep the stored, or "
+                        "overwrite")
 
 
 def cmd_download(args) -> int:
@@ -119,7 +151,7 @@ COMMANDS.extend([(add_download, cmd_download)])
 
 
 def add_import(sub, common):
-    from .sources.files import PRESET_NAMES
+    from .sources.files import PRESET_NAMES, PRESETS
 
     p = _command(sub, common, "import", "import CSV/zip/gz files of bars or ticks into the store",
                  "Import vendor files (Yahoo, tushare, baostock, hikyuu, LEAN/AlgoSeek, zipline, Quandl, "
@@ -131,10 +163,14 @@ def add_import(sub, common):
                  usage="fintensor import PATH... [--symbol S] [--format F] [--ticks] [options]")
     p.add_argument("paths", nargs="+", metavar="PATH", help="files, directories or glob patterns")
     p.add_argument("--symbol", help="symbol of one-symbol files without a symbol column")
-    p.add_argument("--format", metavar="F", help="a preset instead of detection: " + ", ".join(PRESET_NAMES))
+    names = [preset.name for preset in PRESETS]  # the README's table of formats, in its order
+    aliases = [a for a in PRESET_NAMES if a not in names]
+    p.add_argument("--format", metavar="F", help="a preset instead of detection: " + ", ".join(names)
+                   + (f" (also {', '.join(aliases)})" if aliases else ""))
     p.add_argument("--ticks", action="store_true", help="the rows are ticks (trades), not bars")
     p.add_argument("--on-conflict", default="error", metavar="error|keep|overwrite",
-                   help="rows that disagree with the store: error, keep the stored, or overwrite")
+                   help="rows that disagree with the store: error (default), keep the stored, or "
+                        "overwrite")
     _compact(p, "layout and units (default: detected; see the README's table of formats)",
              ("--layout", dict(default="auto", shown="--layout auto|long|wide|file")),
              ("--field", dict(default="close", shown="--field F")),
@@ -166,19 +202,34 @@ COMMANDS.extend([(add_import, cmd_import)])
 # -------------------------------------------------------------------------------------------- cache
 def add_cache(sub, common):
     p = sub.add_parser("cache", help="inspect and maintain the local store", formatter_class=_Formatter,
-                       description="What is cached, a check of every file, removal. Exit 1 when verify finds a "
-                                   "problem, 2 on bad input.\n\nexamples:\n  fintensor cache list --store ./store"
-                                   "\n  fintensor cache info 600519.SS\n  fintensor cache verify --repair"
-                                   "\n  fintensor cache rm AAPL --interval 1m")
+                       description=textwrap.fill("What is cached, a check of every file, removal. Exit 1 when "
+                                                 "verify finds a problem, 2 on bad input. `fintensor cache "
+                                                 "SUBCOMMAND --help` for more.", HELP_WIDTH - 4),
+                       epilog=_examples("fintensor cache list --store ./store", "fintensor cache info 600519.SS",
+                                        "fintensor cache verify --repair", "fintensor cache rm AAPL --interval 1m"))
     csub = p.add_subparsers(dest="cache_cmd", metavar="{list,info,verify,rm}", required=True)
-    csub.add_parser("list", parents=[common], help="symbols, intervals, ranges, rows, sources")
-    q = csub.add_parser("info", parents=[common], help="every manifest stored for a symbol")
-    q.add_argument("symbol")
-    q = csub.add_parser("verify", parents=[common], help="check sizes, checksums and schemas of every file")
+
+    def cache_command(name: str, summary: str, description: str, *examples: str):
+        return csub.add_parser(name, parents=[common], help=summary,
+                               description=textwrap.fill(description, HELP_WIDTH - 4),
+                               epilog=_examples(*examples), formatter_class=_Formatter)
+
+    cache_command("list", "symbols, intervals, ranges, rows, sources",
+                  "One row per stored symbol and interval: first and last date, rows, source, adjustment.",
+                  "fintensor cache list", "fintensor cache list --json --store ./store")
+    q = cache_command("info", "every manifest stored for a symbol",
+                      "Every manifest stored for SYMBOL: rows, range, source, adjustment, timezone, units, "
+                      "parts and checksum.", "fintensor cache info AAPL", "fintensor cache info 600519.SS --json")
+    q.add_argument("symbol", help="any common spelling (600519.SH = 600519.SS)")
+    q = cache_command("verify", "check sizes, checksums and schemas of every file",
+                      "Check every file's size, checksum, schema and key order. Exit 1 when a problem is found.",
+                      "fintensor cache verify", "fintensor cache verify --repair")
     q.add_argument("--repair", action="store_true", help="remove leftovers of interrupted writes")
-    q = csub.add_parser("rm", parents=[common], help="remove a symbol (all intervals unless --interval)")
-    q.add_argument("symbol")
-    q.add_argument("--interval", default=None, help="only this interval ('tick' for ticks)")
+    q = cache_command("rm", "remove a symbol (all intervals unless --interval)",
+                      "Remove a symbol's stored data: every interval and its ticks, or only --interval.",
+                      "fintensor cache rm AAPL", "fintensor cache rm 000001.SZ --interval tick")
+    q.add_argument("symbol", help="any common spelling")
+    q.add_argument("--interval", default=None, help="only this interval ('tick' for ticks; default: all)")
 
 
 def cmd_cache(args) -> int:
@@ -299,11 +350,49 @@ def add_show(sub, common):
     p.add_argument("--rows", type=int, default=5, metavar="N", help="rows shown at each end (default 5)")
 
 
+def _slot_clock_times(tensor, day_index: int = 0) -> list[str] | None:
+    """The local clock time at which each tick slot of one day starts ('09:30:03'), or None when the
+    tensor does not say its calendar and slot length (the slot labels are offsets into the session)."""
+    import numpy as np
+    import pandas as pd
+
+    from . import calendars
+
+    meta = tensor.meta
+    if "tick" not in tensor.dims or not meta.get("calendar") or not meta.get("freq"):
+        return None
+    try:
+        freq_ns = pd.Timedelta(meta["freq"]).value
+        days = tensor.coords["day"][day_index:day_index + 1]
+        segments = calendars.segments(meta["calendar"], days)[0]  # (S, 2) UTC ns of continuous trading
+        tz = calendars.get(meta["calendar"]).tz
+    except Exception:  # an unknown calendar or freq in a foreign file: keep the offsets
+        return None
+    starts = [t for lo, hi in segments for t in range(int(lo), int(hi), freq_ns)]
+    times = pd.to_datetime(starts, utc=True).tz_convert(tz).strftime("%H:%M:%S")
+    offsets = np.asarray(tensor.coords["tick"]).astype("timedelta64[ns]").astype(np.int64)
+    if len(times) < len(offsets) or not (offsets == offsets[0] + freq_ns * np.arange(len(offsets))).all():
+        return None
+    first = int(offsets[0] // freq_ns)
+    return list(times[first:first + len(offsets)])
+
+
 def cmd_show(args) -> int:
     from .tensor import load
 
     tensor = load(args.file, mmap=True)
-    _emit(args, tensor.summary(), f"{tensor!r}\n\n{tensor.preview(args.rows)}")
+    text = f"{tensor!r}\n\n{tensor.preview(args.rows)}"
+    clock = _slot_clock_times(tensor)
+    if clock is not None:  # the preview's slot offsets ('0 days 00:00:03') as the clock times they are
+        import pandas as pd
+
+        by_offset = {str(pd.Timedelta(offset)): time for offset, time in zip(tensor.coords["tick"], clock)}
+        text = re.sub(r"\b\d+ days \d\d:\d\d:\d\d(?:\.\d+)?",
+                      lambda m: by_offset.get(m.group(0), m.group(0)).ljust(len(m.group(0))), text)
+        day = str(tensor.coords["day"][0])[:10]
+        text += (f"\n(tick slots shown as {tensor.meta['calendar']} clock times of {day}: "
+                 f"{clock[0]} .. {clock[-1]}, {tensor.meta['freq']} each)")
+    _emit(args, tensor.summary(), text)
     return EXIT_OK
 
 
@@ -541,6 +630,11 @@ COMMANDS.extend([(add_train, cmd_train), (add_predict, cmd_predict), (add_evalua
 
 # ================================================================================= section: demo
 def add_demo(sub, common):
+    import copy
+
+    common = copy.deepcopy(common)  # the same common flags; only --store's default differs
+    next(a for a in common._actions if a.dest == "store").help = \
+        "store directory (default: DIR/store inside --out; your own store only when you name it)"
     p = _command(sub, common, "demo", "run the whole pipeline offline: store, tensors, features, LSTM, IC",
                  "The whole pipeline in about a minute, offline: a synthetic market with a planted signal (or "
                  "your CSV files) -> store -> 0D..4D tensors -> rolling features -> windows -> a small LSTM -> "
@@ -556,7 +650,7 @@ def add_demo(sub, common):
                    help="figures, the model run and (unless --store) the store (default demo_out)")
     p.add_argument("--seed", type=int, default=0, help="of the synthetic market and of training (default 0)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 5)")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto (default; a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--quick", action="store_true", help="a smaller market and model (for tests)")
 
 
@@ -594,8 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     parser = argparse.ArgumentParser(
         prog="fintensor", formatter_class=_Formatter,
-        description="Market data as labeled 0D-4D tensors: download or import into a Parquet store, build\n"
-                    "tensors, compute rolling features, train sequence models. `fintensor COMMAND --help` for more.\n\n"
+        description="Market data as labeled 0D-4D tensors: download or import into a Parquet store, build tensors,\n"
+                    "compute rolling features, train sequence models. `fintensor COMMAND --help` for more.\n\n"
                     "exit codes: 0 ok, 1 failure or partial failure, 2 bad input",
         epilog="examples:\n"
                "  fintensor demo                                      # the whole pipeline, offline\n"
@@ -614,10 +708,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _no_wrap_unless_terminal():
+    """Output to a pipe or file is never wrapped: rich (progress lines, tables) and shutil size a non-terminal
+    as 80 columns and would break longer lines there. COLUMNS is what both read; a user's value is kept,
+    and the environment is restored afterwards (main() may be called in-process, e.g. by tests)."""
+    import os
+
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        yield
+        return
+    os.environ["COLUMNS"] = "10000"
+    try:
+        yield
+    finally:
+        os.environ.pop("COLUMNS", None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: parse, run the command, map errors to one line and an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with _no_wrap_unless_terminal():
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     from .errors import FintensorError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
