@@ -169,9 +169,6 @@ def _slice_positions(dim: str, sl: slice, coord: np.ndarray) -> slice:
     return slice(lo, max(lo, hi))
 
 
-_PERIOD_RESOLUTION = {"D": np.timedelta64(1, "D")}  # a label names a range when its period is longer
-
-
 def _period(label, coord: np.ndarray) -> tuple[np.datetime64, np.datetime64] | None:
     """(first, last) instants of the period a time label names, in the coord's unit, when that period is
     coarser than the axis (a month on a daily axis; a day or coarser on an intraday axis); else None."""
@@ -197,8 +194,8 @@ def _period(label, coord: np.ndarray) -> tuple[np.datetime64, np.datetime64] | N
         first, last = period.start_time, period.end_time
     else:
         return None
-    span = last - first + pd.Timedelta(1, "ns")
-    coarser = span > pd.Timedelta(1, "D") if unit == "D" else span >= pd.Timedelta(1, "D")
+    span = last - first                     # (a day's Period ends at 23:59:59.999999)
+    coarser = span > pd.Timedelta(1, "D") if unit == "D" else span >= pd.Timedelta(23, "h")
     if not coarser:
         return None
     return first.to_datetime64().astype(coord.dtype), last.to_datetime64().astype(coord.dtype)
@@ -574,6 +571,7 @@ class StockTensor:
         An existing target that is not a regular file (a device, FIFO, directory, symlink) is refused.
         """
         path = fileio.check_output_path(path, "tensor file")
+        _check_name_length(path)
         header_meta = {"format": FORMAT, "dims": json.dumps(list(self.dims)),
                        "coords": json.dumps({d: _coord_json(c) for d, c in self.coords.items()}),
                        "meta": json.dumps(self.meta, default=str)}
@@ -617,6 +615,19 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[str, list[int], np.ndarray]:
     c = t.detach().cpu().contiguous()
     flat = c.reshape(-1).view(torch.uint8) if c.numel() else torch.empty(0, dtype=torch.uint8)
     return _ST_DTYPES[t.dtype], list(c.shape), flat.numpy()
+
+
+def _check_name_length(path: Path) -> None:
+    """A name whose temp sibling (``.NAME.<32 hex>.tmp``) is too long for the file system: one clear error."""
+    try:
+        name_max = os.pathconf(path.parent if path.parent.exists() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    extra = len(fileio.temp_path(path).name.encode()) - len(path.name.encode())
+    if len(path.name.encode()) + extra > name_max:
+        raise BadInputError(f"tensor file name {path.name[:40]}... is {len(path.name.encode())} bytes long; this file "
+                            f"system allows {name_max - extra} (the file is written beside itself first); "
+                            "choose a shorter name")
 
 
 def _write_safetensors(path: Path, arrays: dict, metadata: dict[str, str]) -> Path:
