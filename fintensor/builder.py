@@ -538,7 +538,7 @@ def _ffill(values: np.ndarray, observed: np.ndarray, fields: list[str], day_ints
 def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
                 fields: str | Sequence[str] = ("price", "volume"), store: Store | str | os.PathLike | None = None,
                 calendar: str | None = None, interval: str | None = None, dtype: torch.dtype = torch.float32,
-                cache: bool = True) -> StockTensor:
+                cache: bool = True, adjust: str | None = None) -> StockTensor:
     """A (day, tick, stock, feature) tensor: each session cut into ``freq`` slots of continuous trading.
 
     Slots cover calendars.segments (A-shares 09:30-11:30 and 13:00-15:00, lunch skipped; US 09:30-16:00).
@@ -548,18 +548,33 @@ def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
     day before); ``volume``/``amount``/``trades`` are sums (0 when nothing traded); open/high/low/close are
     per slot (NaN when nothing traded); mask = the slot had a trade. ``interval``: 'tick' (Store.read_ticks),
     '1m' (bars labelled by their start), or None: ticks when the store has them, else 1-minute bars.
+    Built from bars, a session that is not a multiple of ``freq`` ends with a shorter slot (XNYS 60-minute
+    bars: the last is 15:30-16:00, as vendors serve it). ``adjust``: as in ``build``; slots always hold
+    prices as stored (ticks are raw), so None/'as_stored' or the stored adjustment are accepted.
     """
     syms = _symbol_list(symbols)
     fields = _field_list(fields, TICK_FIELDS)
+    checks.boolean("cache", cache)
+    if adjust is not None and adjust not in ADJUSTMENTS:
+        raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(ADJUSTMENTS)}")
     freq_s = _freq_seconds(freq)
     tdtype = _torch_dtype(dtype)
     lo, hi = _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
     cal, own = _calendar_for(syms, calendar, allow_union=False)
     days = _sessions(cal, own, lo, hi)
     segs = _calendars.segments(cal, days)                              # (D, S, 2) UTC ns
-    n_slots = _check_freq(segs, freq_s, freq, cal)
     store = _as_store(store)
     source = _tick_source(store, syms, days, interval, freq_s)
+    n_slots = _check_freq(segs, freq_s, freq, cal, partial_last=source != "tick")
+    if adjust not in (None, "as_stored"):
+        stored = {"raw"} if source == "tick" else \
+            {(store.manifest(s, source) or {}).get("adjustment") for s in syms} - {None}
+        if stored and adjust not in stored:
+            held = "/".join(sorted(stored))
+            raise BadInputError(f"the {source} {'records' if source == 'tick' else 'bars'} are stored "
+                                f"{held}-adjusted and intraday slots use them as stored: pass "
+                                f"adjust={sorted(stored)[0]!r} (CLI: --adjust {sorted(stored)[0]}) or "
+                                "adjust='as_stored' (CLI: --adjust as_stored)")
     fingerprint = (store.tick_fingerprint(syms, days[0], days[-1]) if source == "tick"
                    else store.fingerprint(syms, source))
     request = dict(kind="build_ticks", version=BUILD_VERSION, symbols=syms, start=str(days[0]),
@@ -583,10 +598,13 @@ def _freq_seconds(freq) -> int:
     return int(secs)
 
 
-def _check_freq(segs: np.ndarray, freq_s: int, freq, cal: str) -> np.ndarray:
-    """Slots per day; a freq that does not divide every continuous segment is an error."""
+def _check_freq(segs: np.ndarray, freq_s: int, freq, cal: str, partial_last: bool = False) -> np.ndarray:
+    """Slots per day; a freq that does not divide every continuous segment is an error, except that
+    with ``partial_last`` the day's last segment may end in a shorter slot (bars: XNYS 60m ends at 16:00)."""
     lengths = (segs[:, :, 1] - segs[:, :, 0]) // _NS
     bad = lengths % freq_s != 0
+    if partial_last:
+        bad[:, -1] = False
     if bad.any():
         n = int(lengths[bad][0])
         divisors = [d for d in (1, 3, 5, 10, 15, 30, 60, 180, 300, 600, 900, 1800) if all(lengths.ravel() % d == 0)]
@@ -594,7 +612,7 @@ def _check_freq(segs: np.ndarray, freq_s: int, freq, cal: str) -> np.ndarray:
             f"freq {freq!r} does not divide the {cal} continuous session segment of {n // 3600}h{n % 3600 // 60:02d}m "
             f"({n} s); use one that does, e.g. " + ", ".join(f"{d}s" if d < 60 else f"{d // 60}min"
                                                            for d in divisors[:8]))
-    return lengths.sum(axis=1) // freq_s
+    return lengths[:, :-1].sum(axis=1) // freq_s + -(-lengths[:, -1] // freq_s)
 
 
 def _tick_source(store: Store, syms: list[str], days: np.ndarray, interval: str | None, freq_s: int) -> str:
@@ -780,13 +798,9 @@ def _build_intraday(syms, lo, hi, fields, interval, store, calendar, adjust, tdt
     """Intraday bars on a (time, stock, feature) axis of UTC slot instants: the 4D slots, flattened."""
     fields = _field_list(fields, TICK_FIELDS)
     store_ = _as_store(store)
-    stored = {(store_.manifest(s, interval) or {}).get("adjustment") for s in syms} - {None}
-    if stored and adjust not in stored:
-        raise BadInputError(f"the {interval} bars are stored {'/'.join(sorted(stored))}-adjusted; intraday "
-                            f"builds use them as stored: pass adjust={sorted(stored)[0]!r}")
     freq = interval.replace("m", "min")
     t4 = build_ticks(syms, lo, hi, freq=freq, fields=fields, store=store_, calendar=calendar,
-                     interval=interval, dtype=tdtype, cache=cache)
+                     interval=interval, dtype=tdtype, cache=cache, adjust=adjust)
     D, K, N, F = t4.shape
     segs = _calendars.segments(t4.meta["calendar"], t4.coords["day"])
     freq_ns = _freq_seconds(freq) * _NS
@@ -794,7 +808,7 @@ def _build_intraday(syms, lo, hi, fields, interval, store, calendar, adjust, tdt
     keep = instants.ravel() >= 0
     values = t4.values.reshape(D * K, N, F)[torch.from_numpy(keep)]
     mask = t4.mask.reshape(D * K, N, F)[torch.from_numpy(keep)]
-    meta = dict(t4.meta, adjustment=adjust)
+    meta = dict(t4.meta, interval=interval)
     return StockTensor(values, ("time", "stock", "feature"),
                        {"time": instants.ravel()[keep].astype("datetime64[ns]"), "stock": t4.coords["stock"],
                         "feature": t4.coords["feature"]}, mask, meta)
