@@ -439,8 +439,8 @@ def _symbol_columns(store: Store, sym: str, manifest: dict, days: np.ndarray, fi
                 int((earlier & in_range).sum())
     off = in_range & ~ok & ~(period is not None and earlier)
     if off.any():
-        dropped[f"dated on days that are not {cal} sessions (choose calendar='data', '24/7' or another exchange "
-                f"to keep them; CLI: --calendar data)"] = int(off.sum())
+        dropped[f"dated on days that are not {cal} sessions (keep them with calendar='data' (CLI: --calendar "
+                "data) or calendar='24/7' (CLI: --calendar 24/7), or choose another exchange)"] = int(off.sum())
     kept = int((ok & in_range & (pos >= np.searchsorted(day_ints, np.int64(first_kept)))).sum()) \
         if first_kept is not None else int((ok & in_range).sum())
     account = {"stored": int(manifest["rows"]), "kept": kept,

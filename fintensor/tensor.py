@@ -571,7 +571,7 @@ class StockTensor:
         An existing target that is not a regular file (a device, FIFO, directory, symlink) is refused.
         """
         path = fileio.check_output_path(path, "tensor file")
-        _check_name_length(path)
+        check_tensor_name(path)
         header_meta = {"format": FORMAT, "dims": json.dumps(list(self.dims)),
                        "coords": json.dumps({d: _coord_json(c) for d, c in self.coords.items()}),
                        "meta": json.dumps(self.meta, default=str)}
@@ -617,7 +617,7 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[str, list[int], np.ndarray]:
     return _ST_DTYPES[t.dtype], list(c.shape), flat.numpy()
 
 
-def _check_name_length(path: Path) -> None:
+def check_tensor_name(path: Path) -> None:
     """A name whose temp sibling (``.NAME.<32 hex>.tmp``) is too long for the file system: one clear error."""
     try:
         name_max = os.pathconf(path.parent if path.parent.exists() else ".", "PC_NAME_MAX")
