@@ -167,7 +167,10 @@ def _parse_fill(fill) -> tuple[str, int | None] | None:
         limit = fill[1]
         if limit is None:
             return ("ffill", None)
-        return ("ffill", checks.positive_int("fill limit", limit))
+        try:
+            return ("ffill", checks.positive_int("fill limit", limit))
+        except BadInputError:
+            raise BadInputError(f"fill limit must be a positive number of sessions, got {limit!r}") from None
     raise BadInputError(f"fill={fill!r} is not understood; use None, 'ffill' or ('ffill', LIMIT) with a "
                         "positive number of sessions")
 

@@ -255,20 +255,8 @@ def add_build(sub, common):
              ("--adjust", dict(choices=("raw", "split", "full", "as_stored"))),
              ("--calendar", dict(shown="--calendar XNYS|XSHG|union|data|24/7|24/5")),
              ("--fill", dict(choices=("ffill",))),
-             ("--fill-limit", dict(type=_fill_limit, shown="--fill-limit N")),
+             ("--fill-limit", dict(type=int, shown="--fill-limit N")),
              ("--dtype", dict(choices=("float32", "float64"))))
-
-
-def _fill_limit(text: str) -> int:
-    """--fill-limit: a positive whole number of sessions (argparse prints the message)."""
-    from .checks import positive_int
-    from .errors import BadInputError
-
-    try:
-        return positive_int("--fill-limit", int(text))
-    except (ValueError, BadInputError) as exc:
-        raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, BadInputError) else
-                                         f"{text!r} is not a whole number of sessions") from None
 
 
 _BUILD_FLAGS = ("symbols", "start", "end", "fields", "interval", "freq", "adjust", "calendar", "fill",

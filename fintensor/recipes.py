@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import checks, fileio
+from . import fileio
 from .errors import BadInputError, MissingDataError
 
 if sys.version_info >= (3, 11):
@@ -132,8 +132,6 @@ class Recipe:
             raise BadInputError(f"{where} [source]: give files or yahoo = true, not both")
         if "fill_limit" in table and table.get("fill") != "ffill":
             raise BadInputError(f"{where}: fill_limit needs fill = 'ffill'")
-        if "fill_limit" in table:
-            checks.positive_int(f"{where}: key 'fill_limit'", table["fill_limit"])
         if table.get("fill") not in (None, "ffill"):
             raise BadInputError(f"{where}: key 'fill' must be 'ffill', got {table['fill']!r}")
         if table.get("dtype", "float32") not in ("float32", "float64"):
