@@ -107,7 +107,7 @@ def sessions(name: str, start, end) -> np.ndarray:
     if key in ROUND_THE_CLOCK:
         days = np.arange(np.datetime64(lo.date(), "D"), np.datetime64(hi.date(), "D") + 1)
         if key == "24/5":
-            days = days[pd.DatetimeIndex(days).dayofweek < 5]
+            days = days[pd.DatetimeIndex(days).day_of_week < 5]
         return days
     cal = get(key, lo)
     first, last = cal.first_session, cal.last_session
