@@ -195,7 +195,11 @@ def _cached(store: Store, request: dict, cache: bool, make) -> StockTensor:
     if not cache:
         return make()
     path = _cache_path(store, request)
-    if path.exists() or path.is_symlink():
+    if path.parent.is_symlink() or path.is_symlink():  # never read or write through a link out of the store
+        warnings.warn(f"{path.parent if path.parent.is_symlink() else path} is a symbolic link; the tensor cache "
+                      "does not follow links: built without it", BuildWarning, stacklevel=3)
+        return make()
+    if path.exists():
         try:
             st = load(path)
             os.utime(path)  # recently used: pruned last
@@ -204,8 +208,8 @@ def _cached(store: Store, request: dict, cache: bool, make) -> StockTensor:
         except (FintensorError, OSError) as exc:  # a damaged entry is rebuilt, never trusted
             warnings.warn(f"the cached tensor {path} could not be used ({exc}); rebuilt it from the store",
                           BuildWarning, stacklevel=3)
-            if path.is_symlink() or path.is_file():
-                path.unlink(missing_ok=True)    # (a link is removed, never followed)
+            if path.is_file():
+                path.unlink(missing_ok=True)
     st = make()
     try:
         st.save(path)

@@ -250,3 +250,26 @@ def test_a_damaged_cache_entry_is_rebuilt_and_said(cn_daily_store, tmp_path):
         again = ft.build("000001.SZ", "2019-01-01", "2019-01-31", store=store)
     np.testing.assert_array_equal(again.numpy(), first.numpy())
     np.testing.assert_array_equal(again.coords["time"], first.coords["time"])
+
+
+def test_the_tensor_cache_never_follows_a_link_out_of_the_store(cn_daily_store, tmp_path):
+    import shutil
+
+    store = tmp_path / "s"
+    shutil.copytree(cn_daily_store.root, store)
+    args = ("000001.SZ", "2019-01-01", "2019-01-31")
+    first = ft.build(*args, store=store)
+    entry = Path(first.meta["cache"])
+    outside = tmp_path / "outside.safetensors"
+    entry.rename(outside)
+    entry.symlink_to(outside)                                            # an entry pointing out of the store
+    with pytest.warns(BuildWarning, match="is a symbolic link; the tensor cache does not follow links"):
+        again = ft.build(*args, store=store)
+    assert "cache" not in again.meta and entry.is_symlink()
+    np.testing.assert_array_equal(again.numpy(), first.numpy())
+    shutil.rmtree(store / "tensors")
+    (tmp_path / "elsewhere").mkdir()
+    (store / "tensors").symlink_to(tmp_path / "elsewhere")               # the whole cache folder a link
+    with pytest.warns(BuildWarning, match="is a symbolic link"):
+        ft.build(*args, store=store)
+    assert list((tmp_path / "elsewhere").iterdir()) == []
