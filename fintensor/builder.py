@@ -83,7 +83,7 @@ def _calendar_for(syms: list[str], calendar: str | None, allow_union: bool = Tru
     if calendar is None:
         if len(own) > 1:
             raise BadInputError(f"the symbols trade on different calendars ({listing}); pass calendar='union' "
-                                f"or one of {', '.join(own)} to align them explicitly (CLI: --calendar union)")
+                                f"(CLI: --calendar union) or one of {', '.join(own)} to align them explicitly")
         return own[0], own
     if str(calendar).lower() == "union":
         if not allow_union:
