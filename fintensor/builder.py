@@ -290,7 +290,7 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
     else:
         if calendar is not None:
             raise BadInputError(f"calendar applies to daily bars; a {interval} axis is calendar "
-                                f"{'weeks' if interval == '1wk' else 'months'} (choose label='start' or 'end')")
+                                f"{'weeks' if interval == '1wk' else 'months'} (choose label='start' or label='end')")
         if lo > hi:
             raise BadInputError(f"empty range: start {lo} is after end {hi}")
         cal, own = ("weeks (Monday-Sunday)" if interval == "1wk" else "months"), []
