@@ -695,13 +695,16 @@ def load(path: str | os.PathLike, mmap: bool = False) -> StockTensor:
     path = Path(path)
     if path.exists() and not path.is_dir() and not path.is_file():
         raise BadInputError(f"{path} is not a regular file (a device or FIFO); give a tensor file")
+    head = b""
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             n = int.from_bytes(fh.read(8), "little")
             if not 0 < n < 100 * 2**20 or 8 + n > size:
+                head = fh.read(4096)
                 raise ValueError("header size")
-            header = json.loads(fh.read(n))
+            head = fh.read(n)
+            header = json.loads(head)
             if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
                 raise ValueError("no __metadata__")
             meta = header["__metadata__"]
@@ -751,6 +754,9 @@ def load(path: str | os.PathLike, mmap: bool = False) -> StockTensor:
         raise FintensorError(f"cannot read tensor file {path}: {exc.strerror or exc}") from None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, IndexError, RuntimeError, OverflowError,
             AttributeError) as exc:
+        if FORMAT.encode() in head:  # ours, but its header no longer reads: damaged, not a wrong file
+            raise StoreCorruptError(f"{path} is damaged: its header cannot be read ({type(exc).__name__}: {exc}); "
+                                    "rebuild it with `fintensor build`") from None
         raise BadInputError(f"{path} is not a fintensor tensor file, or is damaged ({type(exc).__name__}: "
                             f"{exc}); tensors are written by StockTensor.save or `fintensor build --out`") from None
     try:
