@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -19,14 +20,23 @@ import pyarrow as pa
 import torch
 
 from . import calendars as _calendars
+from . import checks
 from . import symbols as _symbols
 from .errors import BadInputError, FintensorError, MissingDataError
 from .store import DAILY_SCHEMA, Store, interval_kind, parse_interval
 from .tensor import StockTensor, load
 
 #: Bumped whenever a build's output for the same inputs changes (old cache entries then miss).
-BUILD_VERSION = 1
-ADJUSTMENTS = ("raw", "split", "full")
+BUILD_VERSION = 2
+#: 'as_stored': each symbol's prices as its partition holds them (a Yahoo file and a plain OHLCV file
+#: side by side); meta['adjusted_from'] says which is which.
+ADJUSTMENTS = ("raw", "split", "full", "as_stored")
+#: Period labels of weekly/monthly bars: the period's first day (Yahoo's) or its last.
+LABELS = ("start", "end")
+
+
+class BuildWarning(UserWarning):
+    """A build kept less than it was asked for: rows dropped (and why), or nothing observed at all."""
 DAILY_FIELDS = tuple(n for n in DAILY_SCHEMA.names if n != "date")
 PRICE_FIELDS = ("open", "high", "low", "close", "pre_close")  # scaled by the price adjustment
 FLOW_FIELDS = ("volume", "amount", "turnover")                 # 0 on a filled (not traded) day
@@ -64,14 +74,16 @@ def _field_list(fields, allowed: Sequence[str]) -> list[str]:
 
 
 def _calendar_for(syms: list[str], calendar: str | None, allow_union: bool = True) -> tuple[str, list[str]]:
-    """The calendar name to build on ('union' allowed) and the symbols' own calendars."""
+    """The calendar name to build on ('union', 'data', '24/7', '24/5' allowed for daily builds) and the
+    symbols' own calendars. A daily build may put any symbol on any calendar (an override): rows the
+    chosen calendar has no session for are counted and reported, never dropped silently."""
     own = _calendars.for_symbols(syms)
     by_cal = {c: [s for s in syms if _symbols.exchange(s) == c] for c in own}
     listing = "; ".join(f"{c}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for c, v in by_cal.items())
     if calendar is None:
         if len(own) > 1:
             raise BadInputError(f"the symbols trade on different calendars ({listing}); pass calendar='union' "
-                                f"or one of {', '.join(own)} to align them explicitly")
+                                f"(CLI: --calendar union) or one of {', '.join(own)} to align them explicitly")
         return own[0], own
     if str(calendar).lower() == "union":
         if not allow_union:
@@ -79,12 +91,13 @@ def _calendar_for(syms: list[str], calendar: str | None, allow_union: bool = Tru
                                 "session, build each exchange separately")
         return "union", own
     name = _calendars.resolve(calendar)
-    if name not in own:
-        raise BadInputError(f"calendar {calendar!r} does not match the symbols ({listing}); use "
-                            f"{' or '.join(own)}" + (" or 'union'" if allow_union and len(own) > 1 else ""))
-    if not allow_union and len(own) > 1:
-        raise BadInputError(f"intraday slots need one exchange's session but the symbols trade on "
-                            f"{listing}; build each exchange separately")
+    if not allow_union:
+        if name not in own:
+            raise BadInputError(f"calendar {calendar!r} does not match the symbols ({listing}); intraday slots "
+                                f"use the exchange's own session: {' or '.join(own)}")
+        if len(own) > 1:
+            raise BadInputError(f"intraday slots need one exchange's session but the symbols trade on "
+                                f"{listing}; build each exchange separately")
     return name, own
 
 
@@ -97,6 +110,37 @@ def _sessions(calendar: str, own: list[str], start: dt.date, end: dt.date) -> np
         raise BadInputError(f"empty range: no {'/'.join(names)} sessions between {start} and {end}; "
                             "widen the range")
     return days
+
+
+def _stored_dates(store: Store, syms: list[str], interval: str, start: dt.date, end: dt.date) -> np.ndarray:
+    """calendar='data': the union of the symbols' stored dates in [start, end]."""
+    dates = [store.read_partition(s, interval, str(start), str(end), ["date"]).column("date")
+             .cast(pa.int32()).to_numpy() for s in syms]
+    days = np.unique(np.concatenate(dates)).astype("datetime64[D]") if dates else np.array([], "datetime64[D]")
+    if len(days) == 0:
+        raise BadInputError(f"empty range: no stored {interval} rows of {', '.join(syms[:3])} between {start} "
+                            f"and {end}; widen the range")
+    return days
+
+
+def _periods(interval: str, start: dt.date, end: dt.date, label: str) -> np.ndarray:
+    """Weekly (Monday-Sunday) or monthly periods overlapping [start, end], labelled by first or last day."""
+    import pandas as pd
+
+    freq = "W-SUN" if interval == "1wk" else "M"
+    idx = pd.period_range(pd.Period(start, freq), pd.Period(end, freq), freq=freq)
+    stamps = idx.start_time if label == "start" else idx.end_time
+    return stamps.to_numpy().astype("datetime64[D]")
+
+
+def _period_positions(interval: str, dates: np.ndarray, days: np.ndarray, label: str) -> np.ndarray:
+    """Rows' dates (int days) -> the label (int days) of their week/month, so they land on the axis."""
+    import pandas as pd
+
+    freq = "W-SUN" if interval == "1wk" else "M"
+    idx = pd.PeriodIndex(pd.DatetimeIndex(dates.astype("datetime64[D]")), freq=freq)
+    stamps = idx.start_time if label == "start" else idx.end_time
+    return stamps.to_numpy().astype("datetime64[D]").astype(np.int64)
 
 
 def _as_store(store) -> Store:
@@ -117,14 +161,16 @@ def _parse_fill(fill) -> tuple[str, int | None] | None:
     """None, 'ffill' (no limit) or ('ffill', limit)."""
     if fill is None or fill is False:
         return None
-    if fill == "ffill":
+    if isinstance(fill, str) and fill == "ffill":
         return ("ffill", None)
     if isinstance(fill, (tuple, list)) and len(fill) == 2 and fill[0] == "ffill":
         limit = fill[1]
         if limit is None:
             return ("ffill", None)
-        if isinstance(limit, (int, np.integer)) and not isinstance(limit, bool) and limit > 0:
-            return ("ffill", int(limit))
+        try:
+            return ("ffill", checks.positive_int("fill limit", limit))
+        except BadInputError:
+            raise BadInputError(f"fill limit must be a positive number of sessions, got {limit!r}") from None
     raise BadInputError(f"fill={fill!r} is not understood; use None, 'ffill' or ('ffill', LIMIT) with a "
                         "positive number of sessions")
 
@@ -149,20 +195,27 @@ def _cached(store: Store, request: dict, cache: bool, make) -> StockTensor:
     if not cache:
         return make()
     path = _cache_path(store, request)
+    if path.parent.is_symlink() or path.is_symlink():  # never read or write through a link out of the store
+        warnings.warn(f"{path.parent if path.parent.is_symlink() else path} is a symbolic link; the tensor cache "
+                      "does not follow links: built without it", BuildWarning, stacklevel=3)
+        return make()
     if path.exists():
         try:
             st = load(path)
             os.utime(path)  # recently used: pruned last
             st.meta["cache"] = str(path)
             return st
-        except (FintensorError, OSError):  # a damaged entry is rebuilt, never trusted
-            pass
+        except (FintensorError, OSError) as exc:  # a damaged entry is rebuilt, never trusted
+            warnings.warn(f"the cached tensor {path} could not be used ({exc}); rebuilt it from the store",
+                          BuildWarning, stacklevel=3)
+            if path.is_file():
+                path.unlink(missing_ok=True)
     st = make()
     try:
         st.save(path)
         st.meta["cache"] = str(path)
         _prune(path.parent, keep=path)
-    except OSError:  # a read-only store still builds; it just cannot remember
+    except (OSError, FintensorError):  # a read-only or full store still builds; it just cannot remember
         pass
     return st
 
@@ -194,23 +247,28 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] = ("close",),
           interval: str = "1d", store: Store | str | os.PathLike | None = None, calendar: str | None = None,
           adjust: str = "full", fill=None, dtype: torch.dtype = torch.float32,
-          cache: bool = True) -> StockTensor:
+          cache: bool = True, label: str = "start") -> StockTensor:
     """A (time, stock, feature) tensor of ``fields`` for ``symbols`` on the exchange's sessions [start, end].
 
-    ``calendar``: inferred from the symbols (XNYS for US, XSHG for A-shares); mixed exchanges need
-    'union' or one chosen calendar. ``adjust``: 'raw' | 'split' | 'full', derived from what each partition
-    holds (its adjustment, adj_close, split and dividend events); volume follows in split-adjusted shares.
-    ``fill``: None, 'ffill' or ('ffill', LIMIT): carry prices over missing sessions inside the stock's
-    listing (flows become 0); filled cells keep mask False. An intraday ``interval`` ('1m', '5m') gives a
-    time axis of UTC slot instants over the sessions (see ``build_ticks``).
+    ``calendar``: inferred from the symbols (XNYS for US, XSHG for A-shares, '24/7' for ``-USD`` crypto,
+    '24/5' for ``=X`` FX); any exchange name overrides it; 'union' aligns several exchanges, 'data' uses
+    the stored dates themselves, '24/7'/'24/5' every day / every weekday. Every stored row of every symbol is
+    accounted for in ``meta['rows']`` (kept, outside the range, or dropped with a reason); drops are also a
+    ``BuildWarning``, as is a build with nothing observed. ``adjust``: 'raw' | 'split' | 'full', derived from
+    what each partition holds (its adjustment, adj_close, split and dividend events), or 'as_stored' (each
+    symbol as its partition holds it); volume follows in split-adjusted shares. ``interval``: the bars read
+    from the store: '1d', '1wk'/'1mo' (an axis of weeks/months labelled by their first day, or last with
+    ``label='end'``), or intraday ('1m', '5m', '60m': UTC slot instants over the sessions; see
+    ``build_ticks``). ``fill``: None, 'ffill' or ('ffill', LIMIT): carry prices over missing sessions
+    inside the stock's listing (flows become 0); filled cells keep mask False.
     """
     syms = _symbol_list(symbols)
     interval = parse_interval(interval)
     intraday = interval_kind(interval) == "intraday"
-    if interval != "1d" and not intraday:
-        raise BadInputError(f"interval {interval!r} has no session calendar; build '1d' and resample")
     if adjust not in ADJUSTMENTS:
         raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(ADJUSTMENTS)}")
+    checks.choice("label", label, LABELS)
+    checks.boolean("cache", cache)
     fill_spec = _parse_fill(fill)
     tdtype = _torch_dtype(dtype)
     lo, hi = _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
@@ -220,40 +278,90 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
                                 "each day (use fields=['price', ...])")
         return _build_intraday(syms, lo, hi, fields, interval, store, calendar, adjust, tdtype, cache)
     fields = _field_list(fields, DAILY_FIELDS)
-    cal, own = _calendar_for(syms, calendar)
-    days = _sessions(cal, own, lo, hi)
     store = _as_store(store)
-    manifests = {s: store.manifest(s, "1d") for s in syms}
+    manifests = {s: store.manifest(s, interval) for s in syms}
     missing = [s for s, m in manifests.items() if m is None]
     if missing:
-        raise _missing_error(store, missing, "1d", lo, hi)
+        raise _missing_error(store, missing, interval, lo, hi)
+    if interval == "1d":
+        cal, own = _calendar_for(syms, calendar)
+        days = _stored_dates(store, syms, "1d", lo, hi) if cal == _calendars.DATA else _sessions(cal, own, lo, hi)
+        range_lo, range_hi = lo, hi
+    else:
+        if calendar is not None:
+            raise BadInputError(f"calendar applies to daily bars; a {interval} axis is calendar "
+                                f"{'weeks' if interval == '1wk' else 'months'} (choose label='start' or label='end')")
+        if lo > hi:
+            raise BadInputError(f"empty range: start {lo} is after end {hi}")
+        cal, own = ("weeks (Monday-Sunday)" if interval == "1wk" else "months"), []
+        days = _periods(interval, lo, hi, label)
+        bounds = _periods(interval, lo, hi, "start"), _periods(interval, lo, hi, "end")
+        range_lo, range_hi = bounds[0][0].astype(dt.date), bounds[1][-1].astype(dt.date)
     request = dict(kind="build", version=BUILD_VERSION, symbols=syms, start=str(days[0]), end=str(days[-1]),
-                   fields=fields, interval="1d", calendar=cal, adjust=adjust, fill=fill_spec,
-                   dtype=_dtype_name(tdtype), fingerprint=store.fingerprint(syms, "1d"))
+                   range=[str(range_lo), str(range_hi)], fields=fields, interval=interval, calendar=cal,
+                   adjust=adjust, fill=fill_spec, label=label if interval != "1d" else None,
+                   dtype=_dtype_name(tdtype), fingerprint=store.fingerprint(syms, interval))
     read_days = days
     if fill_spec is not None:  # a fill may carry a value from before the range: read that far back
         limit = fill_spec[1]
-        first = min(m["start"][:10] for m in manifests.values()) if limit is None else \
-            lo - dt.timedelta(days=2 * limit + 14)
-        read_days = _sessions(cal, own, min(_calendars.parse_date(first, "start"), lo), hi)
-    return _cached(store, request, cache,
-                   lambda: _build_daily(store, syms, manifests, read_days, fields, cal, adjust, fill_spec, tdtype,
-                                        request["fingerprint"], keep_from=len(read_days) - len(days)))
+        first = min(m["start"][:10] for m in manifests.values())
+        if limit is not None and interval == "1d" and limit < 10_000:
+            first = max(_calendars.parse_date(first, "start"), lo - dt.timedelta(days=2 * limit + 14))
+        first = min(_calendars.parse_date(first, "start"), lo)
+        if interval != "1d":
+            read_days = _periods(interval, first, hi, label)
+        elif cal == _calendars.DATA:
+            read_days = _stored_dates(store, syms, "1d", first, hi)
+        else:
+            read_days = _sessions(cal, own, first, hi)
+    period = None if interval == "1d" else (interval, label)
+    tensor = _cached(store, request, cache,
+                     lambda: _build_daily(store, syms, manifests, read_days, fields, cal, adjust, fill_spec, tdtype,
+                                          request["fingerprint"], keep_from=len(read_days) - len(days),
+                                          period=period, row_range=(range_lo, range_hi)))
+    _warn_unkept(tensor, syms, range_lo, range_hi)
+    return tensor
+
+
+def _warn_unkept(tensor: StockTensor, syms: list[str], lo, hi) -> None:
+    """A BuildWarning for every kind of stored row in the range that did not make it into the tensor,
+    and for a tensor with nothing observed."""
+    for message in unkept_messages(tensor):
+        warnings.warn(message, BuildWarning, stacklevel=3)
+    if not bool(tensor.mask.any()):
+        warnings.warn(f"nothing observed: the store has no rows of {', '.join(syms[:5])}"
+                      f"{' ...' if len(syms) > 5 else ''} between {lo} and {hi} on this axis", BuildWarning,
+                      stacklevel=3)
+
+
+def unkept_messages(tensor: StockTensor) -> list[str]:
+    """One line per reason rows were dropped, naming how many rows of which symbols (from meta['rows'])."""
+    by_reason: dict[str, dict[str, int]] = {}
+    for sym, counts in (tensor.meta.get("rows") or {}).items():
+        for reason, n in counts.get("dropped", {}).items():
+            by_reason.setdefault(reason, {})[sym] = n
+    out = []
+    for reason, per_sym in by_reason.items():
+        shown = ", ".join(f"{s} {n}" for s, n in list(per_sym.items())[:8])
+        more = f" and {len(per_sym) - 8} more symbols" if len(per_sym) > 8 else ""
+        out.append(f"dropped {sum(per_sym.values())} stored rows ({shown}{more}): {reason}")
+    return out
 
 
 def _build_daily(store, syms, manifests, days, fields, cal, adjust, fill_spec, tdtype, fingerprint,
-                 keep_from: int = 0):
+                 keep_from: int = 0, period=None, row_range=None):
     T, N, F = len(days), len(syms), len(fields)
     np_dtype = np.float64 if tdtype == torch.float64 else np.float32
     values = np.full((T, N, F), np.nan, dtype=np_dtype)
     day_ints = days.astype(np.int64)
+    lo, hi = row_range or (days[0].astype(dt.date), days[-1].astype(dt.date))
+    row_bounds = (np.datetime64(lo, "D").astype(np.int64), np.datetime64(hi, "D").astype(np.int64))
     notes: dict[str, str] = {}
-    off_calendar = {}
+    rows: dict[str, dict] = {}
     for j, sym in enumerate(syms):
-        cols, how, dropped = _symbol_columns(store, sym, manifests[sym], days, fields, adjust)
+        cols, how, rows[sym] = _symbol_columns(store, sym, manifests[sym], days, fields, adjust, cal,
+                                               period, row_bounds, days[keep_from])
         notes[sym] = how
-        if dropped:
-            off_calendar[sym] = dropped
         pos, ok = cols.pop("_pos"), cols.pop("_ok")
         p = pos[ok]
         block = np.column_stack([cols[name][ok] for name in fields])
@@ -265,43 +373,56 @@ def _build_daily(store, syms, manifests, days, fields, cal, adjust, fill_spec, t
     if fill_spec is not None:
         spans = np.array([[np.datetime64(manifests[s]["start"][:10], "D").astype(np.int64),
                            np.datetime64(manifests[s]["end"][:10], "D").astype(np.int64)] for s in syms])
+        if period is not None:  # a listing's first and last rows, as the labels of their periods
+            spans = np.column_stack([_period_positions(period[0], spans[:, k], days, period[1]) for k in (0, 1)])
         _ffill(values, observed, fields, day_ints, spans, fill_spec[1])
     if keep_from:
         values, observed, days = values[keep_from:].copy(), observed[keep_from:].copy(), days[keep_from:]
     sources = sorted({manifests[s]["source"] for s in syms})
+    interval = "1d" if period is None else period[0]
     meta: dict[str, Any] = dict(
-        source=sources[0] if len(sources) == 1 else sources, interval="1d", calendar=cal, adjustment=adjust,
+        source=sources[0] if len(sources) == 1 else sources, interval=interval, calendar=cal, adjustment=adjust,
         adjusted_from=notes if len(set(notes.values())) > 1 else next(iter(notes.values())),
         fill=None if fill_spec is None else {"method": "ffill", "limit": fill_spec[1]},
         store=str(store.root), store_fingerprint=fingerprint,
         store_checksums={s: manifests[s]["checksum"] for s in syms},
+        rows=rows,
     )
-    if off_calendar:
-        meta["off_calendar_rows"] = off_calendar  # rows dated on days the calendar has no session
+    if period is not None:
+        meta["labels"] = f"each {'week' if interval == '1wk' else 'month'} is labelled by its " \
+                         f"{'first' if period[1] == 'start' else 'last'} day"
     return StockTensor(torch.from_numpy(values), ("time", "stock", "feature"),
                        {"time": days, "stock": np.array(syms), "feature": np.array(fields)},
                        torch.from_numpy(observed), meta)
 
 
 def _symbol_columns(store: Store, sym: str, manifest: dict, days: np.ndarray, fields: list[str],
-                    adjust: str) -> tuple[dict[str, np.ndarray], str, int]:
-    """One symbol's requested columns (float64, adjusted, NaN where not traded) and their session positions."""
+                    adjust: str, cal: str = "", period=None, row_bounds=None, first_kept=None
+                    ) -> tuple[dict[str, np.ndarray], str, dict]:
+    """One symbol's requested columns (float64, adjusted, NaN where not traded), their positions on the
+    time axis, and the account of its stored rows: kept, outside the range, dropped (with the reason)."""
     stored = manifest["adjustment"]
-    convert = stored != adjust and any(f in PRICE_FIELDS or f == "volume" for f in fields)
+    want = stored if adjust == "as_stored" else adjust
+    convert = stored != want and any(f in PRICE_FIELDS or f == "volume" for f in fields)
     need = set(fields) | {"trade_status"}
     if convert:
         need |= {"close", "adj_close", "split", "dividend"}
-    lo, hi = str(days[0]), str(days[-1])
+    day_ints = days.astype(np.int64)
+    if row_bounds is None:
+        row_bounds = (day_ints[0], day_ints[-1])
+    lo_int, hi_int = min(int(row_bounds[0]), int(day_ints[0])), max(int(row_bounds[1]), int(day_ints[-1]))
+    lo, hi = str(np.datetime64(lo_int, "D")), str(np.datetime64(hi_int, "D"))
     # bounds only where the partition extends past them (rows outside are dropped below anyway; filtering
     # costs a copy); adjustment factors run to the partition's end (adjusted "as of" its last row)
     lo = lo if manifest["start"][:10] < lo else None
     hi = hi if manifest["end"][:10] > hi and not convert else None
-    table = store.read_partition(sym, "1d", lo, hi, [c for c in DAILY_FIELDS if c in need])
+    interval = "1d" if period is None else period[0]
+    table = store.read_partition(sym, interval, lo, hi, [c for c in DAILY_FIELDS if c in need])
     dates = table.column("date").cast(pa.int32()).to_numpy().astype(np.int64)
     cols = {name: table.column(name).to_numpy().astype(np.float64) for name in need}
-    how = "stored"
+    how = f"as stored ({stored})" if adjust == "as_stored" else "stored"
     if convert and table.num_rows:
-        price_factor, volume_factor, how = _adjustment(sym, stored, adjust, cols, fields)
+        price_factor, volume_factor, how = _adjustment(sym, stored, want, cols, fields)
         for f in fields:
             if f in PRICE_FIELDS and price_factor is not None:
                 cols[f] = cols[f] * price_factor
@@ -311,13 +432,29 @@ def _symbol_columns(store: Store, sym: str, manifest: dict, days: np.ndarray, fi
     for f in fields:
         if f != "trade_status":
             cols[f] = np.where(suspended, np.nan, cols[f])
-    day_ints = days.astype(np.int64)
-    in_range = dates <= day_ints[-1]
-    pos = np.minimum(np.searchsorted(day_ints, dates), len(day_ints) - 1)
-    ok = in_range & (day_ints[pos] == dates)
+    labels = dates if period is None else _period_positions(period[0], dates, days, period[1])
+    in_axis = labels <= day_ints[-1]
+    pos = np.minimum(np.searchsorted(day_ints, labels), len(day_ints) - 1)
+    ok = in_axis & (day_ints[pos] == labels)
+    in_range = (dates >= row_bounds[0]) & (dates <= row_bounds[1])
+    dropped = {}
+    if period is not None:  # two rows in one week/month: the last one stands for it
+        earlier = ok & np.r_[pos[:-1] == pos[1:], False] & np.r_[ok[1:], False]
+        ok &= ~earlier
+        if (earlier & in_range).any():
+            dropped[f"more than one row in a {'week' if period[0] == '1wk' else 'month'} (the last is kept)"] = \
+                int((earlier & in_range).sum())
+    off = in_range & ~ok & ~(period is not None and earlier)
+    if off.any():
+        dropped[f"dated on days that are not {cal} sessions (keep them with calendar='data' (CLI: --calendar "
+                "data) or calendar='24/7' (CLI: --calendar 24/7), or choose another exchange)"] = int(off.sum())
+    kept = int((ok & in_range & (pos >= np.searchsorted(day_ints, np.int64(first_kept)))).sum()) \
+        if first_kept is not None else int((ok & in_range).sum())
+    account = {"stored": int(manifest["rows"]), "kept": kept,
+               "outside_range": int(manifest["rows"]) - int(in_range.sum()), "dropped": dropped}
     out = {f: cols[f] for f in fields}
     out["_pos"], out["_ok"] = pos, ok
-    return out, how, int((in_range & ~ok).sum())
+    return out, how, account
 
 
 def _after(x: np.ndarray) -> np.ndarray:
@@ -341,7 +478,9 @@ def _adjustment(sym: str, stored: str, want: str, cols: dict, fields: list[str])
 
     def impossible(need: str):
         return BadInputError(f"{sym}: the store holds {holds}; adjust={want!r} needs {need}. Build with "
-                             f"adjust={stored!r}, or import data that has it")
+                             f"adjust={stored!r} (CLI: --adjust {stored}), or with adjust='as_stored' (CLI: "
+                             "--adjust as_stored) to take every symbol's prices as stored, or import data "
+                             "that has it")
 
     splits_after = _after(split) if has_split else None
     price_factor = volume_factor = None
@@ -406,7 +545,7 @@ def _ffill(values: np.ndarray, observed: np.ndarray, fields: list[str], day_ints
 def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
                 fields: str | Sequence[str] = ("price", "volume"), store: Store | str | os.PathLike | None = None,
                 calendar: str | None = None, interval: str | None = None, dtype: torch.dtype = torch.float32,
-                cache: bool = True) -> StockTensor:
+                cache: bool = True, adjust: str | None = None) -> StockTensor:
     """A (day, tick, stock, feature) tensor: each session cut into ``freq`` slots of continuous trading.
 
     Slots cover calendars.segments (A-shares 09:30-11:30 and 13:00-15:00, lunch skipped; US 09:30-16:00).
@@ -416,18 +555,33 @@ def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
     day before); ``volume``/``amount``/``trades`` are sums (0 when nothing traded); open/high/low/close are
     per slot (NaN when nothing traded); mask = the slot had a trade. ``interval``: 'tick' (Store.read_ticks),
     '1m' (bars labelled by their start), or None: ticks when the store has them, else 1-minute bars.
+    Built from bars, a session that is not a multiple of ``freq`` ends with a shorter slot (XNYS 60-minute
+    bars: the last is 15:30-16:00, as vendors serve it). ``adjust``: as in ``build``; slots always hold
+    prices as stored (ticks are raw), so None/'as_stored' or the stored adjustment are accepted.
     """
     syms = _symbol_list(symbols)
     fields = _field_list(fields, TICK_FIELDS)
+    checks.boolean("cache", cache)
+    if adjust is not None and adjust not in ADJUSTMENTS:
+        raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(ADJUSTMENTS)}")
     freq_s = _freq_seconds(freq)
     tdtype = _torch_dtype(dtype)
     lo, hi = _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
     cal, own = _calendar_for(syms, calendar, allow_union=False)
     days = _sessions(cal, own, lo, hi)
     segs = _calendars.segments(cal, days)                              # (D, S, 2) UTC ns
-    n_slots = _check_freq(segs, freq_s, freq, cal)
     store = _as_store(store)
     source = _tick_source(store, syms, days, interval, freq_s)
+    n_slots = _check_freq(segs, freq_s, freq, cal, partial_last=source != "tick")
+    if adjust not in (None, "as_stored"):
+        stored = {"raw"} if source == "tick" else \
+            {(store.manifest(s, source) or {}).get("adjustment") for s in syms} - {None}
+        if stored and adjust not in stored:
+            held = "/".join(sorted(stored))
+            raise BadInputError(f"the {source} {'records' if source == 'tick' else 'bars'} are stored "
+                                f"{held}-adjusted and intraday slots use them as stored: pass "
+                                f"adjust={sorted(stored)[0]!r} (CLI: --adjust {sorted(stored)[0]}) or "
+                                "adjust='as_stored' (CLI: --adjust as_stored)")
     fingerprint = (store.tick_fingerprint(syms, days[0], days[-1]) if source == "tick"
                    else store.fingerprint(syms, source))
     request = dict(kind="build_ticks", version=BUILD_VERSION, symbols=syms, start=str(days[0]),
@@ -451,10 +605,13 @@ def _freq_seconds(freq) -> int:
     return int(secs)
 
 
-def _check_freq(segs: np.ndarray, freq_s: int, freq, cal: str) -> np.ndarray:
-    """Slots per day; a freq that does not divide every continuous segment is an error."""
+def _check_freq(segs: np.ndarray, freq_s: int, freq, cal: str, partial_last: bool = False) -> np.ndarray:
+    """Slots per day; a freq that does not divide every continuous segment is an error, except that
+    with ``partial_last`` the day's last segment may end in a shorter slot (bars: XNYS 60m ends at 16:00)."""
     lengths = (segs[:, :, 1] - segs[:, :, 0]) // _NS
     bad = lengths % freq_s != 0
+    if partial_last:
+        bad[:, -1] = False
     if bad.any():
         n = int(lengths[bad][0])
         divisors = [d for d in (1, 3, 5, 10, 15, 30, 60, 180, 300, 600, 900, 1800) if all(lengths.ravel() % d == 0)]
@@ -462,7 +619,7 @@ def _check_freq(segs: np.ndarray, freq_s: int, freq, cal: str) -> np.ndarray:
             f"freq {freq!r} does not divide the {cal} continuous session segment of {n // 3600}h{n % 3600 // 60:02d}m "
             f"({n} s); use one that does, e.g. " + ", ".join(f"{d}s" if d < 60 else f"{d // 60}min"
                                                            for d in divisors[:8]))
-    return lengths.sum(axis=1) // freq_s
+    return lengths[:, :-1].sum(axis=1) // freq_s + -(-lengths[:, -1] // freq_s)
 
 
 def _tick_source(store: Store, syms: list[str], days: np.ndarray, interval: str | None, freq_s: int) -> str:
@@ -648,13 +805,9 @@ def _build_intraday(syms, lo, hi, fields, interval, store, calendar, adjust, tdt
     """Intraday bars on a (time, stock, feature) axis of UTC slot instants: the 4D slots, flattened."""
     fields = _field_list(fields, TICK_FIELDS)
     store_ = _as_store(store)
-    stored = {(store_.manifest(s, interval) or {}).get("adjustment") for s in syms} - {None}
-    if stored and adjust not in stored:
-        raise BadInputError(f"the {interval} bars are stored {'/'.join(sorted(stored))}-adjusted; intraday "
-                            f"builds use them as stored: pass adjust={sorted(stored)[0]!r}")
     freq = interval.replace("m", "min")
     t4 = build_ticks(syms, lo, hi, freq=freq, fields=fields, store=store_, calendar=calendar,
-                     interval=interval, dtype=tdtype, cache=cache)
+                     interval=interval, dtype=tdtype, cache=cache, adjust=adjust)
     D, K, N, F = t4.shape
     segs = _calendars.segments(t4.meta["calendar"], t4.coords["day"])
     freq_ns = _freq_seconds(freq) * _NS
@@ -662,7 +815,7 @@ def _build_intraday(syms, lo, hi, fields, interval, store, calendar, adjust, tdt
     keep = instants.ravel() >= 0
     values = t4.values.reshape(D * K, N, F)[torch.from_numpy(keep)]
     mask = t4.mask.reshape(D * K, N, F)[torch.from_numpy(keep)]
-    meta = dict(t4.meta, adjustment=adjust)
+    meta = dict(t4.meta, interval=interval)
     return StockTensor(values, ("time", "stock", "feature"),
                        {"time": instants.ravel()[keep].astype("datetime64[ns]"), "stock": t4.coords["stock"],
                         "feature": t4.coords["feature"]}, mask, meta)

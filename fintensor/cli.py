@@ -301,23 +301,30 @@ def add_build(sub, common):
     g.add_argument("--freq", help="tick slot length (3s, 1min): builds (day, tick, stock, feature)")
     g.add_argument("--yahoo", action="store_true", help="download what the store lacks from Yahoo")
     _compact(p, "options (default: the symbols' own calendar, full adjustment, no fill, float32)",
-             ("--interval", dict(shown="--interval 1d|1m|tick")),
-             ("--adjust", dict(choices=("raw", "split", "full"))),
-             ("--calendar", dict(shown="--calendar XNYS|XSHG|union")),
+             ("--interval", dict(shown="--interval 1d|1wk|1mo|1m|60m|tick")),
+             ("--label", dict(choices=("start", "end"), shown="--label start|end (1wk/1mo periods)")),
+             ("--adjust", dict(choices=("raw", "split", "full", "as_stored"))),
+             ("--calendar", dict(shown="--calendar XNYS|XSHG|union|data|24/7|24/5")),
              ("--fill", dict(choices=("ffill",))),
              ("--fill-limit", dict(type=int, shown="--fill-limit N")),
              ("--dtype", dict(choices=("float32", "float64"))))
 
 
 _BUILD_FLAGS = ("symbols", "start", "end", "fields", "interval", "freq", "adjust", "calendar", "fill",
-                "fill_limit", "dtype")
+                "fill_limit", "dtype", "label")
 
 
 def cmd_build(args) -> int:
     from pathlib import Path
 
-    from .errors import BadInputError
+    import sys
+    import warnings
+
+    from .builder import BuildWarning
+    from .errors import BadInputError, FintensorError
+    from .fileio import check_output_path
     from .recipes import Recipe, load_recipe
+    from .tensor import check_tensor_name
 
     flags = {k: getattr(args, k) for k in _BUILD_FLAGS if getattr(args, k) is not None}
     if args.recipe:
@@ -333,12 +340,40 @@ def cmd_build(args) -> int:
                                   Path.cwd(), where="fintensor build")
     if args.out is not None and Path(args.out).is_dir():
         raise BadInputError(f"--out {args.out} is a directory; name a file such as {Path(args.out) / 'x.safetensors'}")
+    if args.out is not None:
+        check_output_path(args.out, "--out")
+        check_tensor_name(Path(args.out))
     if args.no_cache and args.out is None:
         raise BadInputError("--no-cache without --out would keep nothing; pass --out FILE")
-    tensor = recipe.build(_store(args), cache=not args.no_cache, quiet=args.quiet or args.json)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BuildWarning)
+        try:
+            tensor = recipe.build(_store(args), cache=not args.no_cache, quiet=args.quiet or args.json)
+        except FintensorError as exc:  # the API's advice, in flags
+            exc.args = (_cli_words(str(exc)),) + exc.args[1:]
+            raise
+    said = [str(w.message) for w in caught if issubclass(w.category, BuildWarning)]
+    for w in caught:
+        if not issubclass(w.category, BuildWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for line in said:
+        print(f"warning: {_cli_words(line)}", file=sys.stderr)
     path = str(tensor.save(args.out)) if args.out else tensor.meta.get("cache")
-    _emit(args, {**tensor.summary(), "path": path}, f"{tensor!r}\nsaved: {path}")
+    _emit(args, {**tensor.summary(), "path": path, "warnings": [_cli_words(x) for x in said]},
+          f"{tensor!r}\nsaved: {path}")
+    if not bool(tensor.mask.any()):
+        print("error: nothing at all is observed in this tensor (no stored rows in the range); widen the range "
+              "or get the data with `fintensor import` / `fintensor download`", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
+
+
+def _cli_words(message: str) -> str:
+    """The builder's advice in CLI flags: "calendar='data' (CLI: --calendar data)" -> "--calendar data"."""
+    import re
+
+    message = re.sub(r"\w+='[^']*' \(CLI: (--[^)]*)\)", r"\1", message)
+    return re.sub(r"\b(adjust|calendar|label|interval)='([^']*)'", r"--\1 \2", message)
 
 
 def add_show(sub, common):

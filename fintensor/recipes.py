@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import fileio
 from .errors import BadInputError, MissingDataError
 
 if sys.version_info >= (3, 11):
@@ -41,7 +42,8 @@ KEYS: dict[str, tuple[tuple, str]] = {
     "freq": ((str,), "a tick slot length like '3s' or '1min'"),
     "fields": ((list,), "a list of field names"),
     "calendar": ((str,), "an exchange calendar like 'XSHG', 'XNYS' or 'union'"),
-    "adjust": ((str,), "'raw', 'split' or 'full'"),
+    "adjust": ((str,), "'raw', 'split', 'full' or 'as_stored'"),
+    "label": ((str,), "'start' or 'end' (weekly/monthly period labels)"),
     "fill": ((str,), "'ffill'"),
     "fill_limit": ((int,), "a whole number of sessions"),
     "dtype": ((str,), "'float32' or 'float64'"),
@@ -53,6 +55,8 @@ SOURCE_KEYS: dict[str, tuple[tuple, str]] = {
     "yahoo": ((bool,), "true or false"),
 }
 REQUIRED = ("symbols", "start", "end")
+#: Recipes are a few lines of TOML: anything larger is not one (and /dev/zero must not be read forever).
+MAX_RECIPE_BYTES = 1 << 20
 
 
 def _check_keys(table: dict, spec: dict, where: str) -> None:
@@ -104,7 +108,8 @@ class Recipe:
     interval: str | None = None
     freq: str | None = None
     calendar: str | None = None
-    adjust: str = "full"
+    adjust: str | None = None      # None: build's default ('full'); slots: as stored
+    label: str = "start"
     fill: str | None = None
     fill_limit: int | None = None
     dtype: str = "float32"
@@ -135,7 +140,8 @@ class Recipe:
         return cls(symbols=tuple(table["symbols"]), start=str(table["start"]), end=str(table["end"]),
                    fields=tuple(table["fields"]) if "fields" in table else None,
                    interval=table.get("interval"), freq=table.get("freq"), calendar=table.get("calendar"),
-                   adjust=table.get("adjust", "full"), fill=table.get("fill"), fill_limit=table.get("fill_limit"),
+                   adjust=table.get("adjust"), label=table.get("label", "start"), fill=table.get("fill"),
+                   fill_limit=table.get("fill_limit"),
                    dtype=table.get("dtype", "float32"), description=table.get("description", ""), files=files,
                    format=source.get("format"), yahoo=bool(source.get("yahoo", False)))
 
@@ -162,11 +168,12 @@ class Recipe:
         if self.ticks:
             return build_ticks(self.symbols, self.start, self.end, freq=self.freq,
                                fields=self.fields or ("price", "volume"), store=store, calendar=self.calendar,
-                               interval=self.interval, dtype=dtype, cache=cache)
+                               interval=self.interval, dtype=dtype, cache=cache,
+                               adjust=self.adjust)
         fill = None if self.fill is None else (self.fill, self.fill_limit)
         return build(self.symbols, self.start, self.end, fields=self.fields or ("close",),
-                     interval=self.interval or "1d", store=store, calendar=self.calendar, adjust=self.adjust,
-                     fill=fill, dtype=dtype, cache=cache)
+                     interval=self.interval or "1d", store=store, calendar=self.calendar, adjust=self.adjust or "full",
+                     fill=fill, dtype=dtype, cache=cache, label=self.label)
 
     def fetch(self, store=None, quiet: bool = True):
         """Import the recipe's files (a no-op for rows already stored) or download from Yahoo."""
@@ -191,15 +198,14 @@ class Recipe:
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate a recipe file."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise BadInputError(f"no recipe at {path}; see datasets/*.toml for examples") from None
-    except OSError as exc:
-        raise BadInputError(f"cannot read recipe {path}: {exc.strerror}") from None
+    if not path.exists():
+        raise BadInputError(f"no recipe at {path}; see datasets/*.toml for examples")
+    raw = fileio.read_regular_file(path, "recipe", max_bytes=MAX_RECIPE_BYTES)
     try:
         table = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BadInputError(f"recipe {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise BadInputError(f"recipe {path} nests arrays or tables too deeply to be a recipe") from None
     recipe = Recipe.from_dict(table, path.resolve().parent, where=f"recipe {path.name}")
     return dataclasses.replace(recipe, path=path)

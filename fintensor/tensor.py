@@ -4,14 +4,15 @@
 
 Values live in a torch tensor (any dtype, any device); labels in numpy arrays, one per dim; ``mask`` says
 which cells were observed. Files are safetensors (values + mask) with dims/coords/meta as JSON in the
-header: nothing is ever unpickled, and ``load(path, mmap=True)`` maps the file instead of reading it.
+header: nothing is ever unpickled, and ``load(path, mmap=True)`` maps the file instead of copying it.
+Each file carries one CRC-32 over everything that matters in it (the header as parsed: dims, coords, meta,
+tensor shapes and offsets; and every data byte), checked on every load.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
-import uuid
 import zlib
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,11 +20,13 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from . import fileio
 from . import symbols as _symbols
-from .errors import BadInputError, StoreCorruptError
+from .errors import BadInputError, FintensorError, StoreCorruptError
 
 TIME_DIMS = ("time", "day")
-FORMAT = "fintensor.StockTensor/1"
+FORMAT = "fintensor.StockTensor/2"          # /2: the checksum covers the header too
+_LEGACY_FORMATS = ("fintensor.StockTensor/1",)  # data-only CRC; still readable
 
 
 # ------------------------------------------------------------------------------------------ coords
@@ -149,10 +152,14 @@ def _slice_positions(dim: str, sl: slice, coord: np.ndarray) -> slice:
         return slice(lo, hi)
     lo, hi = 0, len(coord)
     if sl.start is not None:
-        key = _normalize_label(dim, sl.start, coord)
+        span = _period(sl.start, coord)
+        key = span[0] if span is not None else _normalize_label(dim, sl.start, coord)
         lo = int(np.searchsorted(coord, key, "left"))
     if sl.stop is not None:
-        if coord.dtype.kind == "M":
+        span = _period(sl.stop, coord)
+        if span is not None:
+            key = span[1]
+        elif coord.dtype.kind == "M":
             key, whole_day = _to_datetime64(sl.stop, coord, dim)
             if whole_day and np.datetime_data(coord.dtype)[0] != "D":
                 key = key + np.timedelta64(1, "D") - np.timedelta64(1, "ns")  # the whole day, like pandas
@@ -162,12 +169,54 @@ def _slice_positions(dim: str, sl: slice, coord: np.ndarray) -> slice:
     return slice(lo, max(lo, hi))
 
 
+def _period(label, coord: np.ndarray) -> tuple[np.datetime64, np.datetime64] | None:
+    """(first, last) instants of the period a time label names, in the coord's unit, when that period is
+    coarser than the axis (a month on a daily axis; a day or coarser on an intraday axis); else None."""
+    if coord.dtype.kind != "M":
+        return None
+    import pandas as pd
+
+    unit = np.datetime_data(coord.dtype)[0]
+    if isinstance(label, str):
+        text = label.strip()
+        if not text or "+" in text or text.endswith("Z"):
+            return None
+        try:
+            period = pd.Period(text)
+        except (ValueError, TypeError):
+            return None
+        first, last = period.start_time, period.end_time
+    elif isinstance(label, dt.date) and not isinstance(label, dt.datetime) and unit != "D":
+        first = pd.Timestamp(label)
+        last = first + pd.Timedelta(1, "D") - pd.Timedelta(1, "ns")
+    elif isinstance(label, np.datetime64) and np.datetime_data(label.dtype)[0] in ("D", "M", "Y") and unit != "D":
+        period = pd.Period(pd.Timestamp(label), freq=np.datetime_data(label.dtype)[0].replace("Y", "Y"))
+        first, last = period.start_time, period.end_time
+    else:
+        return None
+    span = last - first                     # (a day's Period ends at 23:59:59.999999)
+    coarser = span > pd.Timedelta(1, "D") if unit == "D" else span >= pd.Timedelta(23, "h")
+    if not coarser:
+        return None
+    return first.to_datetime64().astype(coord.dtype), last.to_datetime64().astype(coord.dtype)
+
+
+def _period_positions(dim: str, label, coord: np.ndarray) -> slice:
+    first, last = _period(label, coord)
+    lo, hi = int(np.searchsorted(coord, first, "left")), int(np.searchsorted(coord, last, "right"))
+    if hi <= lo:
+        raise BadInputError(f"{dim} {label!r} matches no label of this tensor; its {dim} axis has {len(coord)} "
+                            f"labels: {_range_text(coord)}")
+    return slice(lo, hi)
+
+
 # --------------------------------------------------------------------------------------- the class
 class StockTensor:
     """Labeled market data: ``values`` (torch), ``dims``, ``coords`` (one numpy label array per dim),
     ``mask`` (True where observed) and ``meta`` (source, adjustment, calendar, fill, fingerprints)."""
 
     __slots__ = ("values", "dims", "coords", "mask", "meta")
+    __array_ufunc__ = None  # numpy defers to our operators (``np.float64(2) * st`` is a StockTensor)
 
     def __init__(self, values, dims, coords: Mapping[str, Any] | None = None, mask=None,
                  meta: Mapping[str, Any] | None = None):
@@ -232,12 +281,20 @@ class StockTensor:
 
     # ------------------------------------------------------------------------------- selection
     def sel(self, **labels) -> "StockTensor":
-        """Select by label: a scalar drops the dim, a list or slice (inclusive, like .loc) keeps it."""
+        """Select by label: a scalar drops the dim, a list or slice (inclusive, like .loc) keeps it.
+
+        Time labels coarser than the axis select a range and keep the dim, like pandas' partial-string
+        indexing: ``time="2019-01"`` is January on a daily axis, ``time="2019-01-03"`` that day's bars on an
+        intraday axis; a slice's ends cover their whole period (``slice("2019-01", "2019-02")`` ends on the
+        last session of February).
+        """
         positions = {}
         for dim, label in labels.items():
             coord = self._coord(dim)
             if isinstance(label, slice):
                 positions[dim] = _slice_positions(dim, label, coord)
+            elif _is_scalar(label) and _period(label, coord) is not None:   # '2019-01', a day of bars
+                positions[dim] = _period_positions(dim, label, coord)
             elif _is_scalar(label):
                 positions[dim] = _position(dim, label, coord)
             else:
@@ -299,8 +356,80 @@ class StockTensor:
         of another dtype (``st.to(torch.float64)``; the mask stays bool)."""
         if isinstance(device_or_dtype, torch.dtype):
             return StockTensor(self.values.to(device_or_dtype), self.dims, self.coords, self.mask, self.meta)
-        return StockTensor(self.values.to(device_or_dtype), self.dims, self.coords,
-                           self.mask.to(device_or_dtype), self.meta)
+        try:
+            device = torch.device(device_or_dtype)
+        except (RuntimeError, TypeError):
+            raise BadInputError(f"cannot move a tensor to {device_or_dtype!r}; give a device such as 'cpu' or "
+                                "'cuda', or a torch dtype") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BadInputError(f"cannot move the tensor to {device_or_dtype!r}: this machine has no usable CUDA "
+                                f"device (torch {torch.__version__}); keep it on 'cpu'")
+        try:
+            return StockTensor(self.values.to(device), self.dims, self.coords, self.mask.to(device), self.meta)
+        except (RuntimeError, AssertionError) as exc:
+            raise BadInputError(f"cannot move the tensor to {device_or_dtype!r}: {str(exc).splitlines()[0]}; "
+                                "keep it on 'cpu'") from None
+
+    def observed(self) -> "StockTensor":
+        """The values with NaN wherever the cell was not observed (filled or untraded cells included); same
+        labels and mask. Integer or bool values become float64 so that they can hold NaN."""
+        values = self.values if self.values.is_floating_point() else self.values.to(torch.float64)
+        nan = torch.tensor(float("nan"), dtype=values.dtype, device=values.device)
+        return StockTensor(torch.where(self.mask, values, nan), self.dims, self.coords, self.mask, self.meta)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """``np.asarray(tensor)``: the numeric values, NaN where unobserved (always a new array)."""
+        arr = self.observed().numpy()
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    # ------------------------------------------------------------------------------- arithmetic
+    def _binary(self, other, op, reflected: bool = False) -> "StockTensor":
+        """``op`` elementwise with a number or a StockTensor of the same dims and labels; a result cell is
+        observed where every operand's cell is."""
+        if isinstance(other, StockTensor):
+            if other.dims != self.dims or any(not np.array_equal(self.coords[d], other.coords[d])
+                                              for d in self.dims):
+                raise BadInputError(f"arithmetic needs tensors with the same dims and labels; got {self.dims} "
+                                    f"{self.shape} and {other.dims} {other.shape} (select or isel one to match)")
+            mask = self.mask & other.mask.to(self.mask.device)
+            rhs = other.values.to(self.values.device)
+        elif isinstance(other, (int, float, np.number)) and not isinstance(other, bool):
+            mask, rhs = self.mask, other
+        else:
+            return NotImplemented
+        values = op(rhs, self.values) if reflected else op(self.values, rhs)
+        return StockTensor(values, self.dims, self.coords, mask, self.meta)
+
+    def __add__(self, other):
+        return self._binary(other, torch.add)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self._binary(other, torch.sub)
+
+    def __rsub__(self, other):
+        return self._binary(other, lambda a, b: torch.sub(torch.as_tensor(a, dtype=b.dtype), b), True)
+
+    def __mul__(self, other):
+        return self._binary(other, torch.mul)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        return self._binary(other, torch.true_divide)
+
+    def __rtruediv__(self, other):
+        return self._binary(other, lambda a, b: torch.true_divide(torch.as_tensor(a, dtype=b.dtype), b), True)
+
+    def __pow__(self, other):
+        return self._binary(other, torch.pow)
+
+    def __neg__(self) -> "StockTensor":
+        return StockTensor(-self.values, self.dims, self.coords, self.mask, self.meta)
+
+    def __abs__(self) -> "StockTensor":
+        return StockTensor(self.values.abs(), self.dims, self.coords, self.mask, self.meta)
 
     def numpy(self) -> np.ndarray:
         """Values as numpy: shares memory for CPU tensors (bfloat16 is widened to float32)."""
@@ -437,15 +566,21 @@ class StockTensor:
 
     # ------------------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a safetensors file (values, mask; dims/coords/meta as JSON) atomically; returns the path."""
-        path = Path(path)
+        """Write a safetensors file (values, mask; dims/coords/meta as JSON) atomically; returns the path.
+
+        An existing target that is not a regular file (a device, FIFO, directory, symlink) is refused.
+        """
+        path = fileio.check_output_path(path, "tensor file")
+        check_tensor_name(path)
         header_meta = {"format": FORMAT, "dims": json.dumps(list(self.dims)),
                        "coords": json.dumps({d: _coord_json(c) for d, c in self.coords.items()}),
                        "meta": json.dumps(self.meta, default=str)}
         arrays = {"values": _tensor_bytes(self.values), "mask": _tensor_bytes(self.mask)}
-        header_meta["crc32"] = str(_crc32(data for _, _, data in arrays.values()))
-        return _write_safetensors(path, arrays, header_meta)
-
+        try:
+            return _write_safetensors(path, arrays, header_meta)
+        except OSError as exc:
+            raise FintensorError(f"cannot write tensor file {path}: {exc.strerror or exc}; free space or "
+                                 "choose another path") from None
 
 def _as_tensor(x, what: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
@@ -482,36 +617,51 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[str, list[int], np.ndarray]:
     return _ST_DTYPES[t.dtype], list(c.shape), flat.numpy()
 
 
+def check_tensor_name(path: Path) -> None:
+    """A name whose temp sibling (``.NAME.<32 hex>.tmp``) is too long for the file system: one clear error."""
+    try:
+        name_max = os.pathconf(path.parent if path.parent.exists() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    extra = len(fileio.temp_path(path).name.encode()) - len(path.name.encode())
+    if len(path.name.encode()) + extra > name_max:
+        raise BadInputError(f"tensor file name {path.name[:40]}... is {len(path.name.encode())} bytes long; this file "
+                            f"system allows {name_max - extra} (the file is written beside itself first); "
+                            "choose a shorter name")
+
+
 def _write_safetensors(path: Path, arrays: dict, metadata: dict[str, str]) -> Path:
-    """Stream a safetensors file (8-byte header length, JSON header, raw data) aside, then rename it in."""
-    header: dict[str, Any] = {"__metadata__": metadata}
+    """Stream a safetensors file (8-byte header length, JSON header, raw data) aside, then rename it in.
+
+    ``__metadata__["checksum"]`` is the CRC-32 of the canonical header (everything but the checksum
+    itself) followed by the data bytes, so a damaged name, date, shape or value is caught on load.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for name, (dtype, shape, data) in arrays.items():
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + data.nbytes]}
         offset += data.nbytes
+    crc = _crc32([_canonical_header(header)] + [data for _, _, data in arrays.values()])
+    header["__metadata__"]["checksum"] = f"crc32:{crc:08x}"
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # no .safetensors suffix: globs never see it
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(len(raw).to_bytes(8, "little"))
-            fh.write(raw)
-            for _, _, data in arrays.values():
-                fh.write(memoryview(data))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    from .store import _fsync_dir
-
-    _fsync_dir(path.parent)
+    with fileio.atomic_writer(path) as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for _, _, data in arrays.values():
+            fh.write(memoryview(data))
     return path
 
 
+def _canonical_header(header: dict) -> bytes:
+    """The header as parsed, minus its checksum, in one spelling (sorted keys, no spaces)."""
+    meta = {k: v for k, v in header.get("__metadata__", {}).items() if k != "checksum"}
+    return json.dumps({**header, "__metadata__": meta}, sort_keys=True, separators=(",", ":")).encode()
+
+
 def _crc32(chunks) -> int:
-    """CRC-32 of the data bytes: catches a damaged file (not tampering) at memory speed."""
+    """CRC-32 of the chunks in order: catches a damaged file (not tampering) at memory speed."""
     crc = 0
     for chunk in chunks:
         crc = zlib.crc32(memoryview(chunk).cast("B"), crc)
@@ -540,29 +690,38 @@ class _Damaged(Exception):
 
 
 def load(path: str | os.PathLike, mmap: bool = False) -> StockTensor:
-    """Read a tensor written by ``StockTensor.save``; ``mmap=True`` maps the file (copy-on-write) so tensors
-    larger than RAM load instantly and page in on use."""
+    """Read a tensor written by ``StockTensor.save``, checking its checksum; ``mmap=True`` maps the data
+    (copy-on-write) instead of copying it into memory: pages are read once for the check, then on use."""
     path = Path(path)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise BadInputError(f"{path} is not a regular file (a device or FIFO); give a tensor file")
+    head = b""
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             n = int.from_bytes(fh.read(8), "little")
-            if not 0 < n < 100 * 2**20:
+            if not 0 < n < 100 * 2**20 or 8 + n > size:
+                head = fh.read(4096)
                 raise ValueError("header size")
-            header = json.loads(fh.read(n))
-            meta = header.pop("__metadata__")
-            if meta.get("format") != FORMAT:
-                raise ValueError("format")
-            dims = json.loads(meta["dims"])
-            coords = {d: _coord_from_json(s) for d, s in json.loads(meta["coords"]).items()}
+            head = fh.read(n)
+            header = json.loads(head)
+            if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+                raise ValueError("no __metadata__")
+            meta = header["__metadata__"]
+            fmt = meta.get("format")
+            if fmt != FORMAT and fmt not in _LEGACY_FORMATS:
+                raise ValueError(f"format {fmt!r}")
             tensors, chunks = {}, []
             base = 8 + n
+            end = base
             for name in ("values", "mask"):
                 spec = header[name]
                 dtype = _TORCH_DTYPES[spec["dtype"]]
-                lo, hi = spec["data_offsets"]
+                lo, hi = (int(x) for x in spec["data_offsets"])
                 if base + hi > size:
                     raise _Damaged(f"truncated to {size} bytes, the header needs {base + hi}")
+                if not 0 <= lo <= hi:
+                    raise _Damaged(f"{name} has data offsets {lo}..{hi}")
                 if mmap and hi > lo:
                     raw = np.memmap(path, dtype=np.uint8, mode="c", offset=base + lo, shape=(hi - lo,))
                 else:
@@ -570,17 +729,37 @@ def load(path: str | os.PathLike, mmap: bool = False) -> StockTensor:
                     raw = np.empty(hi - lo, dtype=np.uint8)
                     if fh.readinto(memoryview(raw)) != hi - lo:
                         raise _Damaged(f"truncated: {name} is short of {hi - lo} bytes")
-                tensors[name] = torch.from_numpy(raw).view(dtype).reshape(spec["shape"])
                 chunks.append(raw)
-            if not mmap and "crc32" in meta and _crc32(chunks) != int(meta["crc32"]):
+                tensors[name] = (raw, dtype, spec["shape"])
+                end = max(end, base + hi)
+            if fmt == FORMAT:
+                if meta.get("checksum") != f"crc32:{_crc32([_canonical_header(header)] + chunks):08x}":
+                    raise _Damaged("its header and data fail their CRC-32 check")
+                if end != size:
+                    raise _Damaged(f"{size - end} bytes follow the data the header describes")
+            elif "crc32" in meta and _crc32(chunks) != int(meta["crc32"]):
                 raise _Damaged("its data fail their CRC-32 check")
+            tensors = {k: torch.from_numpy(raw).view(dtype).reshape(shape) for k, (raw, dtype, shape)
+                       in tensors.items()}
+            dims = json.loads(meta["dims"])
+            coords = {d: _coord_from_json(s) for d, s in json.loads(meta["coords"]).items()}
+            tensor_meta = json.loads(meta["meta"])
     except FileNotFoundError:
         raise BadInputError(f"no tensor file at {path}; write one with `fintensor build ... --out FILE`") from None
     except IsADirectoryError:
         raise BadInputError(f"{path} is a directory, not a tensor file") from None
     except _Damaged as exc:
         raise StoreCorruptError(f"{path} is damaged: {exc}; rebuild it with `fintensor build`") from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, IndexError) as exc:
-        raise BadInputError(f"{path} is not a fintensor tensor file ({type(exc).__name__}: {exc}); "
-                            "tensors are written by StockTensor.save or `fintensor build --out`") from None
-    return StockTensor(tensors["values"], dims, coords, tensors["mask"], json.loads(meta["meta"]))
+    except OSError as exc:
+        raise FintensorError(f"cannot read tensor file {path}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, IndexError, RuntimeError, OverflowError,
+            AttributeError) as exc:
+        if FORMAT.encode() in head:  # ours, but its header no longer reads: damaged, not a wrong file
+            raise StoreCorruptError(f"{path} is damaged: its header cannot be read ({type(exc).__name__}: {exc}); "
+                                    "rebuild it with `fintensor build`") from None
+        raise BadInputError(f"{path} is not a fintensor tensor file, or is damaged ({type(exc).__name__}: "
+                            f"{exc}); tensors are written by StockTensor.save or `fintensor build --out`") from None
+    try:
+        return StockTensor(tensors["values"], dims, coords, tensors["mask"], tensor_meta)
+    except BadInputError as exc:
+        raise BadInputError(f"{path} is not a fintensor tensor file, or is damaged: {exc}") from None

@@ -251,9 +251,22 @@ def test_mixed_calendars_need_an_explicit_choice(us_daily_store, cn_daily_store,
     np.testing.assert_array_equal(on_ny.values, union.sel(time=list(ny)).values)
 
 
-def test_a_calendar_that_does_not_match_the_symbols(us_daily_store):
-    with pytest.raises(BadInputError, match=r"calendar 'XSHG' does not match the symbols \(XNYS: AAPL"):
-        ft.build("AAPL", "2015-01-01", "2015-12-31", store=us_daily_store, calendar="XSHG", cache=False)
+def test_a_calendar_override_keeps_or_reports_every_row(us_daily_store):
+    """Any calendar may be chosen for any symbol (#12): rows it has no session for are counted and warned."""
+    own = ft.build("AAPL", "2015-01-01", "2015-12-31", store=us_daily_store, **F64)
+    with pytest.warns(ft.builder.BuildWarning, match=r"dropped (\d+) stored rows \(AAPL \1\): dated on days "
+                                                     r"that are not XSHG sessions"):
+        on_sh = ft.build("AAPL", "2015-01-01", "2015-12-31", store=us_daily_store, calendar="XSHG", **F64)
+    ny, sh = own.coords["time"], on_sh.coords["time"]
+    assert on_sh.meta["calendar"] == "XSHG"
+    np.testing.assert_array_equal(sh, calendars.sessions("XSHG", "2015-01-01", "2015-12-31"))
+    both = np.intersect1d(ny, sh)
+    np.testing.assert_array_equal(on_sh.sel(time=list(both)).values, own.sel(time=list(both)).values)
+    rows = on_sh.meta["rows"]["AAPL"]
+    assert rows["kept"] == len(both) and sum(rows["dropped"].values()) == len(np.setdiff1d(ny, sh))
+    assert rows["kept"] + rows["outside_range"] + sum(rows["dropped"].values()) == rows["stored"]
+    assert own.meta["rows"]["AAPL"] == {"stored": rows["stored"], "kept": len(ny), "dropped": {},
+                                        "outside_range": rows["stored"] - len(ny)}
 
 
 # ------------------------------------------------------------------------------------------ ticks

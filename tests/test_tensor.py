@@ -261,3 +261,121 @@ def test_constructor_checks_its_contract():
     intraday = StockTensor(v, ("time", "stock"), {"time": pd.date_range("2019-01-02 14:30", periods=3, freq="min")})
     assert intraday.coords["time"].dtype == np.dtype("datetime64[ns]")
     assert intraday.sel(time=slice("2019-01-02", "2019-01-02")).shape == (3, 2)   # a date covers the day
+
+
+# ------------------------------------------------------------------ integrity of saved tensors (#11)
+def _same(a: StockTensor, b: StockTensor) -> bool:
+    return (a.dims == b.dims and a.meta == b.meta and a.dtype == b.dtype and torch.equal(a.mask, b.mask)
+            and torch.equal(a.values.view(torch.uint8) if a.values.dtype == torch.uint8 else
+                            a.values.contiguous().view(torch.int64 if a.values.element_size() == 8 else torch.int32),
+                            b.values.contiguous().view(torch.int64 if b.values.element_size() == 8 else torch.int32))
+            and all(a.coords[d].dtype == b.coords[d].dtype and np.array_equal(a.coords[d], b.coords[d])
+                    for d in a.dims))
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_bit_flips_anywhere_in_a_saved_tensor_are_detected_or_harmless(story, tmp_path, mmap):
+    """Header (dims, dates, names, meta, shapes, offsets) and body: every flip raises or changes nothing."""
+    small = story.isel(time=slice(0, 12))
+    path = small.save(tmp_path / "t.safetensors")
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    rng = np.random.default_rng(11)
+    positions = np.r_[rng.integers(0, header_end, 300), rng.integers(header_end, len(data), 100)]
+    detected = harmless = 0
+    for i, pos in enumerate(positions):
+        flipped = bytearray(data)
+        flipped[pos] ^= 1 << int(rng.integers(0, 8))
+        target = tmp_path / f"f{i}.safetensors"
+        target.write_bytes(bytes(flipped))
+        try:
+            back = load(target, mmap=mmap)
+        except ft.FintensorError as exc:
+            assert "\n" not in str(exc) and str(target) in str(exc)
+            if "fintensor.StockTensor/2" in flipped[:header_end].decode("latin-1"):
+                assert isinstance(exc, StoreCorruptError), exc          # damaged, exit 1 in the CLI
+            detected += 1
+        else:
+            assert _same(back, small), f"a flip at byte {pos} changed the tensor silently"
+            harmless += 1
+        finally:
+            target.unlink()
+    assert detected + harmless == 400 and detected >= 390     # only whitespace-like flips can be harmless
+
+
+def test_save_refuses_targets_that_are_not_regular_files(story, tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    (tmp_path / "link.safetensors").symlink_to(outside)
+    for name, why in (("fifo", "not a regular file"), ("dir", "a directory"), ("link.safetensors", "symbolic link")):
+        with pytest.raises(BadInputError, match=why):
+            story.save(tmp_path / name)
+    assert outside.read_text() == "keep me"
+    with pytest.raises(BadInputError, match="is 242 bytes long; this file system allows 217"):
+        story.save(tmp_path / ("x" * 230 + ".safetensors"))
+    with pytest.raises(BadInputError, match="not a regular file"):
+        load(tmp_path / "fifo")                            # would block forever on open()
+
+
+# ------------------------------------------------------------------ labels like pandas / xarray (#12)
+def test_month_and_partial_string_labels_select_like_pandas(story):
+    close = story.sel(stock="000001.SZ", feature="close")
+    series = close.to_pandas()
+    jan = close.sel(time="2019-01")
+    assert jan.dims == ("time",)
+    np.testing.assert_array_equal(jan.coords["time"], series.loc["2019-01"].index.to_numpy().astype("datetime64[D]"))
+    both = close.sel(time=slice("2019-01", "2019-02"))
+    expected = series.loc["2019-01":"2019-02"]
+    assert len(both) == len(expected) and both.coords["time"][-1] == np.datetime64("2019-02-28")
+    np.testing.assert_array_equal(both.numpy(), expected.to_numpy())
+    assert len(close.sel(time="2019")) == len(series.loc["2019"])
+    assert close.sel(time="2019-01-03").ndim == 0         # a day on a daily axis is one label
+    with pytest.raises(BadInputError, match="matches no label"):
+        close.sel(time="2020-03")
+
+
+def test_a_day_on_an_intraday_axis_selects_its_bars():
+    times = pd.date_range("2019-01-02 14:30", periods=3, freq="min").append(
+        pd.date_range("2019-01-03 14:30", periods=2, freq="min"))
+    st = StockTensor(torch.arange(5.0), ("time",), {"time": times})
+    day = st.sel(time="2019-01-03")
+    assert day.dims == ("time",) and day.numpy().tolist() == [3.0, 4.0]
+    assert st.sel(time=dt.date(2019, 1, 2)).numpy().tolist() == [0.0, 1.0, 2.0]
+    assert st.sel(time="2019-01-02 14:31").item() == 1.0
+
+
+def test_asarray_observed_and_arithmetic_keep_labels_and_masks(story):
+    close = story.sel(feature="close")
+    unobserved = close.mask.clone()
+    unobserved[::7, 1] = False                            # as on untraded days
+    close = StockTensor(close.values, close.dims, close.coords, unobserved, close.meta)
+    mask = close.mask_numpy()
+    arr = np.asarray(close)
+    assert np.isnan(arr[~mask]).all() and np.array_equal(arr[mask], close.numpy()[mask])
+    obs = close.observed()
+    assert torch.equal(obs.mask, close.mask) and np.array_equal(obs.numpy(), arr, equal_nan=True)
+    vol = story.sel(feature="volume")
+    vol = StockTensor(vol.values, vol.dims, vol.coords, vol.mask.clone(), vol.meta)
+    vol.mask[3, 0] = False                               # unobserved in one operand only
+    amount = close * vol
+    assert amount.dims == close.dims and np.array_equal(amount.coords["time"], close.coords["time"])
+    assert torch.equal(amount.mask, close.mask & vol.mask) and not amount.mask[3, 0]
+    np.testing.assert_array_equal(amount.numpy()[amount.mask_numpy()],
+                                  (close.numpy() * vol.numpy())[amount.mask_numpy()])
+    for result, expected in ((close + 1, close.numpy() + 1), (2 * close, close.numpy() * 2),
+                             (1 / close, 1 / close.numpy()), (close - close, 0 * close.numpy()),
+                             (-close, -close.numpy()), (np.float64(2) * close, 2 * close.numpy())):
+        assert isinstance(result, StockTensor) and torch.equal(result.mask, close.mask)
+        np.testing.assert_array_equal(result.numpy()[mask], expected[mask])
+    with pytest.raises(BadInputError, match="same dims and labels"):
+        close + close.isel(time=slice(0, 5))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_to_cuda_without_cuda_is_a_fintensor_message(story):
+    with pytest.raises(BadInputError, match="no usable CUDA device"):
+        story.to("cuda")
