@@ -204,6 +204,7 @@ def _cached(store: Store, request: dict, cache: bool, make) -> StockTensor:
             st = load(path)
             os.utime(path)  # recently used: pruned last
             st.meta["cache"] = str(path)
+            st.meta["cache_hit"] = True
             return st
         except (FintensorError, OSError) as exc:  # a damaged entry is rebuilt, never trusted
             warnings.warn(f"the cached tensor {path} could not be used ({exc}); rebuilt it from the store",
@@ -217,6 +218,7 @@ def _cached(store: Store, request: dict, cache: bool, make) -> StockTensor:
         _prune(path.parent, keep=path)
     except (OSError, FintensorError):  # a read-only or full store still builds; it just cannot remember
         pass
+    st.meta["cache_hit"] = False
     return st
 
 

@@ -359,8 +359,11 @@ def cmd_build(args) -> int:
     for line in said:
         print(f"warning: {_cli_words(line)}", file=sys.stderr)
     path = str(tensor.save(args.out)) if args.out else tensor.meta.get("cache")
-    _emit(args, {**tensor.summary(), "path": path, "warnings": [_cli_words(x) for x in said]},
-          f"{tensor!r}\nsaved: {path}")
+    hit = bool(tensor.meta.get("cache_hit")) and not args.out
+    where = (f"cache hit: {path} (built earlier from the same store contents; --no-cache rebuilds)" if hit
+             else f"saved: {path}")
+    _emit(args, {**tensor.summary(), "path": path, "cache_hit": hit, "warnings": [_cli_words(x) for x in said]},
+          f"{tensor!r}\n{where}")
     if not bool(tensor.mask.any()):
         print("error: nothing at all is observed in this tensor (no stored rows in the range); widen the range "
               "or get the data with `fintensor import` / `fintensor download`", file=sys.stderr)

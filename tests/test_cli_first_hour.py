@@ -44,7 +44,7 @@ def help_text(*words: str) -> str:
 
 def test_every_subcommand_is_walked():
     names = {name for name, _ in every_parser()}
-    assert set(cli.COMMANDS) <= names
+    assert {add.__name__.removeprefix("add_") for add, _ in cli.COMMANDS} <= names
     assert {"cache list", "cache info", "cache verify", "cache rm"} <= names
 
 
@@ -166,3 +166,22 @@ def test_python_in_the_folder_that_contains_the_clone_says_what_happened(tmp_pat
     note = run.stderr.strip().splitlines()
     assert len(note) == 1 and note[0].startswith(f"note: Python was started in {tmp_path}, the folder that "
                                                  f"contains the clone {clone}"), run.stderr
+
+
+def test_a_repeated_build_says_it_was_a_cache_hit(us_daily_store, tmp_path):
+    args = ["build", "--symbols", "AAPL", "MSFT", "--start", "2015-02-03", "--end", "2015-04-28",
+            "--store", str(us_daily_store)]
+    first = cli_run(*args)
+    second = cli_run(*args)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert "cache hit:" not in first.stdout and "cache hit:" in second.stdout
+    assert "--no-cache rebuilds" in second.stdout
+    import json
+
+    again = json.loads(cli_run(*args, "--json").stdout)
+    assert again["cache_hit"] is True
+
+
+def cli_run(*words: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fintensor", *words], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
