@@ -170,7 +170,7 @@ def test_python_in_the_folder_that_contains_the_clone_says_what_happened(tmp_pat
 
 def test_a_repeated_build_says_it_was_a_cache_hit(us_daily_store, tmp_path):
     args = ["build", "--symbols", "AAPL", "MSFT", "--start", "2015-02-03", "--end", "2015-04-28",
-            "--store", str(us_daily_store)]
+            "--store", str(us_daily_store.root)]
     first = cli_run(*args)
     second = cli_run(*args)
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
