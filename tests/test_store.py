@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fintensor.errors import BadInputError, ConflictError, MissingDataError, StoreCorruptError
+from fintensor.errors import BadInputError, ConflictError, MissingDataError, StoreBusyError, StoreCorruptError
 from fintensor.store import DAILY_SCHEMA, MAX_PARTS, SCHEMAS, Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -663,6 +663,6 @@ def test_lock_timeout_is_a_clear_error(store, shared_data):
     store.write_bars("AAPL", sp500(shared_data, "AAPL", rows=3), source="yahoo")
     other = Store(store.root, lock_timeout=0.2)
     with store.lock():
-        with pytest.raises(StoreCorruptError, match="locked by another fintensor process; waited 0 s"):
+        with pytest.raises(StoreBusyError, match="locked by another fintensor process; waited 0 s"):
             other.write_bars("AAPL", sp500(shared_data, "AAPL", rows=5), source="yahoo")
     assert other.write_bars("AAPL", sp500(shared_data, "AAPL", rows=5), source="yahoo").added == 2
