@@ -169,16 +169,26 @@ def add_cache(sub, common):
                        description="What is cached, a check of every file, removal. Exit 1 when verify finds a "
                                    "problem, 2 on bad input.\n\nexamples:\n  fintensor cache list --store ./store"
                                    "\n  fintensor cache info 600519.SS\n  fintensor cache verify --repair"
-                                   "\n  fintensor cache rm AAPL --interval 1m")
-    csub = p.add_subparsers(dest="cache_cmd", metavar="{list,info,verify,rm}", required=True)
+                                   "\n  fintensor cache rm AAPL --interval 1m"
+                                   "\n  fintensor cache files AAPL MSFT --interval 1d"
+                                   "\n  fintensor cache migrate")
+    csub = p.add_subparsers(dest="cache_cmd", metavar="{list,info,verify,rm,files,migrate}", required=True)
     csub.add_parser("list", parents=[common], help="symbols, intervals, ranges, rows, sources")
     q = csub.add_parser("info", parents=[common], help="every manifest stored for a symbol")
     q.add_argument("symbol")
     q = csub.add_parser("verify", parents=[common], help="check sizes, checksums and schemas of every file")
-    q.add_argument("--repair", action="store_true", help="remove leftovers of interrupted writes")
+    q.add_argument("--repair", action="store_true",
+                   help="remove leftovers of interrupted writes (a partition without a manifest is moved to "
+                        ".quarantine, never deleted)")
     q = csub.add_parser("rm", parents=[common], help="remove a symbol (all intervals unless --interval)")
     q.add_argument("symbol")
     q.add_argument("--interval", default=None, help="only this interval ('tick' for ticks)")
+    q = csub.add_parser("files", parents=[common],
+                        help="the committed Parquet parts, one path per line (for DuckDB, Polars, Spark, Ray)")
+    q.add_argument("symbols", nargs="*", metavar="SYMBOL", help="symbols (default: every stored one)")
+    q.add_argument("--interval", default="1d", help="bar interval, or 'tick' (default: 1d)")
+    csub.add_parser("migrate", parents=[common],
+                    help="rewrite partitions of an older store format in the current one (atomically)")
 
 
 def cmd_cache(args) -> int:
@@ -208,7 +218,9 @@ def cmd_cache(args) -> int:
             advice = []
             if leftovers:
                 advice.append("remove the leftovers of interrupted writes with `fintensor cache verify --repair`")
-            if leftovers < len(bad):
+            if any("cache migrate" in p.message for p in bad):
+                advice.append("rewrite partitions of an older format with `fintensor cache migrate`")
+            if leftovers + sum("cache migrate" in p.message for p in bad) < len(bad):
                 advice.append("re-import the damaged symbols or remove them with `fintensor cache rm`")
             summary = f"{len(bad)} problem(s) in {store.root}: {'; '.join(advice)}"
         elif store.root.exists():
@@ -219,6 +231,14 @@ def cmd_cache(args) -> int:
         if bad and args.quiet and not args.json:  # quiet prints nothing but errors: these are errors
             print("\n".join(map(str, bad)), file=sys.stderr)
         return EXIT_FAILURE if bad else EXIT_OK
+    if args.cache_cmd == "files":
+        paths = [str(p) for p in store.files(args.symbols or None, args.interval)]
+        _emit(args, paths, "\n".join(paths) if paths else None)
+        return EXIT_OK
+    if args.cache_cmd == "migrate":
+        done = store.migrate()
+        _emit(args, {"migrated": done}, "\n".join([*done, f"migrated {len(done)} partition(s) in {store.root}"]))
+        return EXIT_OK
     if args.cache_cmd == "rm":
         n = store.remove(args.symbol, args.interval)
         _emit(args, {"removed": n}, f"removed {n} partition(s) of {args.symbol}")

@@ -929,8 +929,9 @@ def _manifest_problem(m) -> str | None:
     missing = [f for f in _MANIFEST_FIELDS if f not in m]
     if missing:
         return f"lacks field(s) {missing}"
-    if not isinstance(m.get("format", FORMAT_VERSION), int) or m.get("format", FORMAT_VERSION) > FORMAT_VERSION:
-        return f"has format {m['format']!r}, not one this fintensor understands ({FORMAT_VERSION}); upgrade"
+    fmt = m.get("format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or not 1 <= fmt <= FORMAT_VERSION:
+        return f"has format {fmt!r}, not one this fintensor understands (1 to {FORMAT_VERSION}); upgrade"
     if m["kind"] not in SCHEMAS:
         return f"has unknown kind {m['kind']!r}"
     parts = m["parts"]
@@ -944,7 +945,7 @@ def _manifest_problem(m) -> str | None:
         return f"says {m['rows']} rows but its parts hold {sum(p['rows'] for p in parts)}"
     if m["checksum"] != sha256("".join(p["sha256"] for p in parts).encode()):
         return "checksum does not match its parts' checksums"
-    if m.get("format", 1) >= 2:
+    if fmt >= 2 or "manifest_sha256" in m:  # format 1 had no checksum of its own: `cache migrate` adds one
         body = {k: v for k, v in m.items() if k != "manifest_sha256"}
         if m.get("manifest_sha256") != sha256(_canonical(body)):
             return "fails its own checksum (it was edited or damaged)"

@@ -24,8 +24,8 @@ What ``repair=True`` does (holding the lock throughout):
   hidden);
 - removes ``.trash-*`` folders (a symlink is unlinked, never followed);
 - resets a damaged alias table (reported: aliases are recorded again on the next import);
-- removes temp files outside partitions only when older than ``TEMP_GRACE_S`` (the tensor cache is
-  written without the store lock, so a young temp file may be another process's write in flight).
+- removes the tensor cache's temp files and writability probes only when older than ``TEMP_GRACE_S``
+  (they are written without the store lock, so a young one may be another process's write in flight).
 """
 from __future__ import annotations
 
@@ -202,12 +202,12 @@ def _verify_aliases(store: Store, repair: bool) -> list[Problem]:
 
 
 def _verify_temps(root: Path, repair: bool) -> list[Problem]:
-    """Temp files outside partitions: the alias table's and the probe's (written under the lock we hold,
-    so any we see is a leftover) and the tensor cache's (written without it: only old ones count)."""
+    """Temp files outside partitions: the alias table's (written under the lock we hold, so any we see is a
+    leftover), the writability probe's and the tensor cache's (written without it: only old ones count)."""
     now = time.time()
     out = []
-    locked = [*root.glob(".*.tmp"), *root.glob(".probe-*")]
-    unlocked = [p for p in root.glob("tensors/.*.tmp") if _age(p, now) > TEMP_GRACE_S]
+    locked = list(root.glob(".*.tmp"))
+    unlocked = [p for p in [*root.glob(".probe-*"), *root.glob("tensors/.*.tmp")] if _age(p, now) > TEMP_GRACE_S]
     for junk in sorted(locked) + sorted(unlocked):
         if repair:
             junk.unlink(missing_ok=True)

@@ -354,6 +354,7 @@ def _setup_repair(root: Path, data: Path) -> None:
     trash = root / "bars" / "interval=1d" / ".trash-0123"                 # an interrupted removal
     shutil.copytree(aapl, trash)
     (root / ".probe-0123").write_bytes(b"")                               # an interrupted writability probe
+    os.utime(root / ".probe-0123", (time.time() - 7200, time.time() - 7200))
     (root / ".aliases.json.0a1b.tmp").write_bytes(b"{")                   # a half-written alias table
     (root / "tensors").mkdir()
     tensor_tmp = root / "tensors" / ".0123.safetensors.0a1b.tmp"  # a half-written cached tensor, from a crash

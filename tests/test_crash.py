@@ -65,7 +65,7 @@ def differences(seen: dict, *allowed: dict) -> list[str]:
 
 def judge_store(scenario: Scenario, root: Path, data: Path, old: dict, new: dict) -> list[str]:
     """Everything a kill may not break, checked on a store a writer was killed in; returns the failures."""
-    for tmp in root.glob("tensors/.*.tmp"):  # the writer is dead: let repair's grace period for tensor-cache
+    for tmp in [*root.glob("tensors/.*.tmp"), *root.glob(".probe-*")]:  # the writer is dead: let repair's grace period for tensor-cache
         os.utime(tmp, (time.time() - 2 * TEMP_GRACE_S,) * 2)  # temps (written without the lock) pass
     problems = Store(root).verify()
     failures = [f"verify found damage: {p}" for p in problems if not p.leftover]
