@@ -276,6 +276,7 @@ class Store:
             raise BadInputError(f"store path {self.root} exists and is not a directory")
         self.lock_timeout = _lock_timeout() if lock_timeout is None else lock_timeout
         self._lock = None
+        self._checked_manifests: dict[Path, bytes] = {}  # manifest bytes that passed their checks
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -583,6 +584,8 @@ class Store:
             manifest = json.loads(raw)
         except ValueError:
             manifest = None
+        if manifest is not None and self._checked_manifests.get(path) == raw:  # these exact bytes passed
+            return manifest
         try:
             problem = "is not valid JSON" if manifest is None else _manifest_problem(manifest)
         except (TypeError, KeyError, AttributeError, IndexError):
@@ -590,6 +593,9 @@ class Store:
         if problem:
             raise StoreCorruptError(f"{path}: manifest {problem}; run `fintensor cache verify`, then re-import "
                                     "the symbol or remove it with `fintensor cache rm`")
+        if len(self._checked_manifests) > 4096:
+            self._checked_manifests.clear()
+        self._checked_manifests[path] = raw
         return manifest
 
     def manifest(self, symbol: str, interval: str = "1d", date=None) -> dict | None:
@@ -1017,9 +1023,13 @@ def _part_damaged(path, what: str) -> StoreCorruptError:
 
 def _check_part_metadata(pf: pq.ParquetFile, part: dict, kind: str, path) -> None:
     """The part's Parquet footer against its manifest entry: row count and schema (cheap: no data read)."""
-    if pf.metadata.num_rows != part["rows"]:
-        raise _part_damaged(path, f"{pf.metadata.num_rows} rows where the manifest says {part['rows']}")
-    if not _in_memory_schema(pf.schema_arrow).equals(SCHEMAS[kind], check_metadata=False):
+    metadata = pf.metadata
+    if metadata.num_rows != part["rows"]:
+        raise _part_damaged(path, f"{metadata.num_rows} rows where the manifest says {part['rows']}")
+    if metadata.num_columns != len(SCHEMAS[kind]):
+        raise _part_damaged(path, "schema differs from the store's")
+    schema = pf.schema_arrow
+    if not (schema.equals(DISK_SCHEMAS[kind]) or _in_memory_schema(schema).equals(SCHEMAS[kind])):
         raise _part_damaged(path, "schema differs from the store's")
 
 
@@ -1033,12 +1043,17 @@ def _check_part_rows(table: pa.Table, part: dict, kind: str, path) -> pa.Table:
         t = table.column("time").cast(pa.int64()).to_numpy()
         q = table.column("seq").cast(pa.int64()).fill_null(-1).to_numpy()
         ordered = bool(((t[1:] > t[:-1]) | ((t[1:] == t[:-1]) & (q[1:] > q[:-1]))).all())
-    else:
-        keys = _key_array(table, kind)
+        first, last = [int(t[0]), int(q[0])], [int(t[-1]), int(q[-1])]
+    else:  # the key column has no nulls (conform refuses them): read its values buffer in place
+        col = table.column(KEYS[kind][0])
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        width = 4 if kind == "daily" else 8
+        keys = np.frombuffer(col.buffers()[1], np.int32 if width == 4 else np.int64, len(col), col.offset * width)
         ordered = bool((keys[1:] > keys[:-1]).all())
+        first, last = int(keys[0]), int(keys[-1])
     if not ordered:
         raise _part_damaged(path, "rows are not sorted by a unique key")
-    if _key_json(table, kind, 0) != part["start_key"] or _key_json(table, kind, -1) != part["end_key"]:
+    if first != part["start_key"] or last != part["end_key"]:
         raise _part_damaged(path, "first/last key differs from the manifest's")
     return table
 
