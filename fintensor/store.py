@@ -12,6 +12,10 @@ commit point: new parts are written aside, fsynced and renamed in, then the mani
 atomically, then superseded parts are deleted. A crash at any moment leaves the old or the new
 manifest, never a mix; files no manifest lists are leftovers that the next write (or
 ``verify(repair=True)``) removes. Writers hold an inter-process lock; readers need none.
+
+Modules: ``schema`` (columns, keys, intervals), ``store_rows`` (validate, de-duplicate and merge rows),
+``store_checks`` (what a manifest, the alias table and a part must pass before they are trusted; every read
+runs them), ``store_verify`` (``Store.verify`` and its repair), and this one (layout, commits, reads).
 """
 from __future__ import annotations
 
@@ -21,9 +25,7 @@ import datetime as dt
 import hashlib
 import json
 import os
-import re
 import shutil
-import stat
 import time
 import uuid
 from pathlib import Path
@@ -36,11 +38,15 @@ import pyarrow.parquet as pq
 
 from . import symbols as _symbols
 from .calendars import parse_date
-from .errors import (BadInputError, ConflictError, FintensorError, MissingDataError, StoreBusyError,
+from .errors import (BadInputError, ConflictError, MissingDataError, StoreBusyError,
                      StoreCorruptError, StoreWriteError)
 from .fileio import atomic_write_bytes, fsync_dir, sha256
-from .schema import (ADJUSTMENTS, DAILY_INTERVALS, DAILY_SCHEMA, DISK_SCHEMAS, F64, FORMAT_VERSION, INTRADAY_SCHEMA, KEYS,
+from .schema import (ADJUSTMENTS, DAILY_INTERVALS, DAILY_SCHEMA, FORMAT_VERSION, INTRADAY_SCHEMA, KEYS,
                      NONNEGATIVE, SCHEMAS, TICK_SCHEMA, UTC_NS, UTC_US, interval_kind, parse_interval)
+
+from .store_checks import (ALIASES_FILE, _aliases_problem, _canonical, _check_part_metadata, _check_part_rows,
+                           _in_memory_instants, _manifest_problem, manifest_bytes)
+from .store_rows import _key_array, _key_json, _key_scalar, _merge_tables, conform, conform_counted
 
 # kept importable from here until the other modules import them from fileio/schema (the lead repoints them)
 _fsync_dir = fsync_dir
@@ -100,170 +106,6 @@ def _table_bytes(table: pa.Table) -> bytes:
     pq.write_table(table, sink, compression="zstd", write_page_checksum=True, row_group_size=1 << 20,
                    use_dictionary=False)
     return sink.getvalue().to_pybytes()
-
-
-# ------------------------------------------------------------------------------------ table hygiene
-def _to_arrow(data) -> pa.Table:
-    if isinstance(data, pa.Table):
-        return data
-    import pandas as pd
-
-    if isinstance(data, pd.DataFrame):
-        return pa.Table.from_pandas(data, preserve_index=False)
-    raise BadInputError(f"expected a pyarrow Table or pandas DataFrame, got {type(data).__name__}")
-
-
-def _describe_key(table: pa.Table, kind: str, i: int) -> str:
-    return ", ".join(f"{k}={table.column(k)[i].as_py()}" for k in KEYS[kind])
-
-
-def conform(data, kind: str, label: str = "") -> pa.Table:
-    """Cast ``data`` to the kind's schema, validate values, sort by key and drop exact duplicates.
-
-    Raises BadInputError naming the column, the row and the value for unknown columns, missing keys,
-    uncastable values, inf, negative prices or volumes, and duplicate keys with different values.
-    Instants are floored to microseconds (what the store keeps); :func:`conform_counted` says how many.
-    """
-    return conform_counted(data, kind, label)[0]
-
-
-def conform_counted(data, kind: str, label: str = "") -> tuple[pa.Table, int]:
-    """:func:`conform`, and how many instants had a sub-microsecond part that was floored away (before
-    ``seq`` numbering and de-duplication, so keys stay unique in what is stored)."""
-    rounded = 0
-    schema = SCHEMAS[kind]
-    table = _to_arrow(data)
-    where = f"{label}: " if label else ""
-    unknown = [n for n in table.column_names if n not in schema.names]
-    if unknown:
-        raise BadInputError(f"{where}unknown column(s) {unknown}; the {kind} schema has {schema.names}")
-    missing = [k for k in KEYS[kind] if k not in table.column_names and k != "seq"]
-    if missing:
-        raise BadInputError(f"{where}missing key column(s) {missing}")
-    if table.num_rows == 0:
-        raise BadInputError(f"{where}no rows to write (the input is empty)")
-    cols = []
-    for field in schema:
-        if field.name in table.column_names:
-            col = table.column(field.name)
-            if pa.types.is_boolean(col.type) and pa.types.is_floating(field.type):  # True would become 1.0
-                raise BadInputError(f"{where}column {field.name!r} holds true/false values, not numbers")
-            try:
-                col = col.cast(field.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise BadInputError(f"{where}column {field.name!r} cannot be read as {field.type}: {exc}") from None
-            if pa.types.is_floating(field.type):
-                bad_inf = pc.is_inf(col)
-                if pc.any(bad_inf).as_py():
-                    i = pc.index(bad_inf, True).as_py()
-                    raise BadInputError(f"{where}column {field.name!r} has an infinite value at row {i}; "
-                                        "fix or drop that row")
-                col = pc.if_else(pc.is_nan(col), pa.scalar(None, F64), col)
-            if field.name in NONNEGATIVE:
-                neg = pc.fill_null(pc.less(col, 0), False)
-                if pc.any(neg).as_py():
-                    i = pc.index(neg, True).as_py()
-                    raise BadInputError(f"{where}column {field.name!r} has a negative value {col[i].as_py()} "
-                                        f"at row {i}; prices and volumes must be >= 0")
-            if field.name == "time":  # parts keep microseconds: floor finer instants, and count them
-                ns = col.cast(pa.int64())
-                fine = pc.not_equal(pc.fill_null(pc.subtract(ns, pc.multiply(pc.divide(ns, 1000), 1000)), 0), 0)
-                rounded = pc.sum(fine.cast(pa.int64())).as_py() or 0
-                if rounded:
-                    col = pc.floor_temporal(col, unit="microsecond")
-            if field.name == "split":
-                nonpos = pc.fill_null(pc.less_equal(col, 0), False)
-                if pc.any(nonpos).as_py():
-                    raise BadInputError(f"{where}column 'split' must be > 0 (1 = no split)")
-        elif field.name == "seq":
-            col = pa.nulls(table.num_rows, field.type)  # filled below
-        else:
-            col = pa.nulls(table.num_rows, field.type)
-        cols.append(col)
-    out = pa.Table.from_arrays(cols, schema=schema)
-    for k in KEYS[kind]:
-        if k != "seq" and out.column(k).null_count:
-            i = pc.index(pc.is_null(out.column(k)), True).as_py()
-            raise BadInputError(f"{where}key column {k!r} is empty at row {i}")
-    if kind == "ticks" and out.column("seq").null_count == out.num_rows:
-        out = out.set_column(1, "seq", pa.array(_seq_within_time(out.column("time")), pa.int32()))
-    if kind == "ticks":
-        order = pc.sort_indices(out, [("time", "ascending"), ("seq", "ascending")])
-    else:
-        order = pc.sort_indices(out, [(KEYS[kind][0], "ascending")])
-    out = out.take(order)
-    return _dedupe(out, kind, where), rounded
-
-
-def _seq_within_time(times: pa.ChunkedArray) -> np.ndarray:
-    """0, 1, 2... for records sharing an instant, in input order (a stable sort keeps it)."""
-    t = times.to_numpy().astype("int64")
-    order = np.argsort(t, kind="stable")
-    ts = t[order]
-    start = np.r_[True, ts[1:] != ts[:-1]]
-    run_start = np.maximum.accumulate(np.where(start, np.arange(len(ts)), 0))
-    seq = np.empty(len(t), np.int64)
-    seq[order] = np.arange(len(ts)) - run_start
-    return seq
-
-
-def _keys(kind: str, *tables: pa.Table) -> list[np.ndarray]:
-    """Sortable int64 keys, comparable across ``tables`` (daily: days; intraday: ns; ticks: ranks)."""
-    if kind == "daily":
-        return [t.column("date").cast(pa.int32()).to_numpy().astype(np.int64) for t in tables]
-    times = [t.column("time").cast(pa.int64()).to_numpy() for t in tables]
-    if kind != "ticks":
-        return times
-    # (time, seq) pairs -> dense lexicographic ranks over all tables together
-    seqs = [t.column("seq").cast(pa.int64()).to_numpy() for t in tables]
-    t_all, s_all = np.concatenate(times), np.concatenate(seqs)
-    order = np.lexsort((s_all, t_all))
-    ts, ss = t_all[order], s_all[order]
-    new_group = np.r_[True, (ts[1:] != ts[:-1]) | (ss[1:] != ss[:-1])]
-    ranks = np.empty(len(order), np.int64)
-    ranks[order] = np.cumsum(new_group) - 1
-    return np.split(ranks, np.cumsum([len(x) for x in times])[:-1])
-
-
-def _key_array(table: pa.Table, kind: str) -> np.ndarray:
-    return _keys(kind, table)[0]
-
-
-def _values_equal(a: pa.Table, b: pa.Table) -> np.ndarray:
-    """Row-wise equality of two aligned tables (nulls equal nulls; floats to 1e-10 relative)."""
-    eq = np.ones(a.num_rows, bool)
-    for name in a.column_names:
-        x, y = a.column(name), b.column(name)
-        xn, yn = x.is_null().to_numpy(zero_copy_only=False), y.is_null().to_numpy(zero_copy_only=False)
-        if pa.types.is_floating(x.type):
-            xv = x.fill_null(0).to_numpy()
-            yv = y.fill_null(0).to_numpy()
-            same = np.abs(xv - yv) <= 1e-10 * np.maximum(np.abs(xv), np.abs(yv))
-        else:
-            same = x.fill_null(0).to_numpy() == y.fill_null(0).to_numpy()
-        eq &= (xn & yn) | (~xn & ~yn & same)
-    return eq
-
-
-def _dedupe(table: pa.Table, kind: str, where: str) -> pa.Table:
-    keys = _key_array(table, kind)
-    if len(keys) < 2:
-        return table
-    dup = keys[1:] == keys[:-1]
-    if not dup.any():
-        return table
-    idx = np.nonzero(dup)[0]
-    a, b = table.take(pa.array(idx)), table.take(pa.array(idx + 1))
-    same = _values_equal(a, b)
-    if not same.all():
-        i = int(idx[~same][0])
-        raise ConflictError(
-            f"{where}duplicate timestamp {_describe_key(table, kind, i)} with different values "
-            f"in the new data ({int((~same).sum())} such rows); keep one row per timestamp"
-        )
-    keep = np.ones(table.num_rows, bool)
-    keep[idx + 1] = False
-    return table.filter(pa.array(keep))
 
 
 # -------------------------------------------------------------------------------------------- store
@@ -935,48 +777,6 @@ def _check_on_conflict(on_conflict: str) -> None:
         raise BadInputError(f"on_conflict must be 'error', 'keep' or 'overwrite', not {on_conflict!r}")
 
 
-_PART_NAME = re.compile(r"part-[0-9a-f]{16}\.parquet")
-_MANIFEST_FIELDS = ("kind", "symbol", "interval", "source", "adjustment", "timezone", "units", "created",
-                    "updated", "parts", "rows", "start", "end", "start_key", "end_key", "checksum")
-_PART_FIELDS = ("file", "rows", "bytes", "sha256", "start", "end", "start_key", "end_key")
-
-
-def _manifest_problem(m) -> str | None:
-    """What is wrong with a parsed manifest (missing fields, foreign file names, bad checksum), or None."""
-    if not isinstance(m, dict):
-        return "is not a JSON object"
-    missing = [f for f in _MANIFEST_FIELDS if f not in m]
-    if missing:
-        return f"lacks field(s) {missing}"
-    fmt = m.get("format", 1)
-    if not isinstance(fmt, int) or isinstance(fmt, bool) or not 1 <= fmt <= FORMAT_VERSION:
-        return f"has format {fmt!r}, not one this fintensor understands (1 to {FORMAT_VERSION}); upgrade"
-    if m["kind"] not in SCHEMAS:
-        return f"has unknown kind {m['kind']!r}"
-    parts = m["parts"]
-    if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
-        return "lists no parts"
-    for p in parts:
-        if any(f not in p for f in _PART_FIELDS) or not _PART_NAME.fullmatch(str(p["file"])) \
-                or not all(isinstance(p[f], int) for f in ("rows", "bytes")):
-            return f"has a malformed part entry {str(p)[:80]}"
-    if m["rows"] != sum(p["rows"] for p in parts):
-        return f"says {m['rows']} rows but its parts hold {sum(p['rows'] for p in parts)}"
-    if m["checksum"] != sha256("".join(p["sha256"] for p in parts).encode()):
-        return "checksum does not match its parts' checksums"
-    if fmt >= 2 or "manifest_sha256" in m:  # format 1 had no checksum of its own: `cache migrate` adds one
-        body = {k: v for k, v in m.items() if k != "manifest_sha256"}
-        if m.get("manifest_sha256") != sha256(_canonical(body)):
-            return "fails its own checksum (it was edited or damaged)"
-    if (m["start"], m["end"], m["start_key"], m["end_key"]) != (
-            parts[0]["start"], parts[-1]["end"], parts[0]["start_key"], parts[-1]["end_key"]):
-        return "has a start/end that differs from its parts'"
-    for a, b in zip(parts, parts[1:]):
-        if not _key_scalar(a["end_key"]) < _key_scalar(b["start_key"]):
-            return "lists parts whose key ranges overlap or are out of order"
-    return None
-
-
 class _LockContext:
     def __init__(self, lock, root, timeout):
         self.lock, self.root, self.timeout = lock, root, timeout
@@ -998,92 +798,6 @@ class _LockContext:
         return False
 
 
-ALIASES_FILE = "aliases.json"
-
-
-def _canonical(obj) -> bytes:
-    """The bytes a checksum covers: compact JSON with sorted keys (independent of indentation)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-    """A manifest as written: its fields plus ``manifest_sha256``, a SHA-256 over all the other fields."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return json.dumps({**body, "manifest_sha256": sha256(_canonical(body))}, indent=1, sort_keys=True).encode()
-
-
-def _aliases_problem(raw: bytes) -> str | None:
-    try:
-        table = json.loads(raw)
-    except ValueError:
-        return "is not valid JSON"
-    if not isinstance(table, dict):
-        return "is not a JSON object"
-    if "sha256" in table or "aliases" in table:
-        body = {k: v for k, v in table.items() if k != "sha256"}
-        if set(table) != {"aliases", "sha256"} or table["sha256"] != sha256(_canonical(body)):
-            return "fails its checksum"
-        table = table["aliases"]
-    if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
-        return "is not a mapping of spellings to symbols"
-    return None
-
-
-def _part_damaged(path, what: str) -> StoreCorruptError:
-    return StoreCorruptError(f"{path}: {what}; it was not used. Run `fintensor cache verify`, then re-import the "
-                             "symbol or remove it with `fintensor cache rm`")
-
-
-def _check_part_metadata(pf: pq.ParquetFile, part: dict, kind: str, path) -> None:
-    """The part's Parquet footer against its manifest entry: row count and schema (cheap: no data read)."""
-    metadata = pf.metadata
-    if metadata.num_rows != part["rows"]:
-        raise _part_damaged(path, f"{metadata.num_rows} rows where the manifest says {part['rows']}")
-    if metadata.num_columns != len(SCHEMAS[kind]):
-        raise _part_damaged(path, "schema differs from the store's")
-    schema = pf.schema_arrow
-    if not (schema.equals(DISK_SCHEMAS[kind]) or _in_memory_schema(schema).equals(SCHEMAS[kind])):
-        raise _part_damaged(path, "schema differs from the store's")
-
-
-def _check_part_rows(table: pa.Table, part: dict, kind: str, path) -> pa.Table:
-    """Key order and first/last key against the manifest entry, when the key columns were read."""
-    if table.num_rows != part["rows"]:
-        raise _part_damaged(path, f"{table.num_rows} rows where the manifest says {part['rows']}")
-    if not all(k in table.column_names for k in KEYS[kind]) or table.num_rows == 0:
-        return table
-    if kind == "ticks":
-        t = table.column("time").cast(pa.int64()).to_numpy()
-        q = table.column("seq").cast(pa.int64()).fill_null(-1).to_numpy()
-        ordered = bool(((t[1:] > t[:-1]) | ((t[1:] == t[:-1]) & (q[1:] > q[:-1]))).all())
-        first, last = [int(t[0]), int(q[0])], [int(t[-1]), int(q[-1])]
-    else:  # the key column has no nulls (conform refuses them): read its values buffer in place
-        col = table.column(KEYS[kind][0])
-        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-        width = 4 if kind == "daily" else 8
-        keys = np.frombuffer(col.buffers()[1], np.int32 if width == 4 else np.int64, len(col), col.offset * width)
-        ordered = bool((keys[1:] > keys[:-1]).all())
-        first, last = int(keys[0]), int(keys[-1])
-    if not ordered:
-        raise _part_damaged(path, "rows are not sorted by a unique key")
-    if first != part["start_key"] or last != part["end_key"]:
-        raise _part_damaged(path, "first/last key differs from the manifest's")
-    return table
-
-
-def _in_memory_schema(schema: pa.Schema) -> pa.Schema:
-    """A part's schema as readers return it (format 2 stores instants in us, format 1 in ns)."""
-    return pa.schema([pa.field(f.name, UTC_NS) if f.type == UTC_US else f for f in schema])
-
-
-def _in_memory_instants(table: pa.Table) -> pa.Table:
-    """Cast a part's microsecond ``time`` to the nanosecond instants every reader returns."""
-    if "time" in table.column_names and table.schema.field("time").type == UTC_US:
-        i = table.schema.get_field_index("time")
-        table = table.set_column(i, "time", table.column("time").cast(UTC_NS))
-    return table
-
-
 def _lock_timeout() -> float:
     """$FINTENSOR_LOCK_TIMEOUT in seconds (default 600), or one clear error when it is not a number >= 0."""
     raw = os.environ.get("FINTENSOR_LOCK_TIMEOUT", "600")
@@ -1095,83 +809,6 @@ def _lock_timeout() -> float:
         raise BadInputError(f"FINTENSOR_LOCK_TIMEOUT={raw!r} is not a number of seconds >= 0; "
                             "set it to e.g. 600, or unset it")
     return seconds
-
-
-def _merge_tables(existing: pa.Table, new: pa.Table, kind: str, on_conflict: str, label: str):
-    """Union of stored and new rows by key. Returns (table, (added, updated, unchanged, conflicts))."""
-    ek, nk = _keys(kind, existing, new)
-    pos = np.searchsorted(ek, nk)
-    pos_c = np.minimum(pos, len(ek) - 1)
-    matched = (pos < len(ek)) & (ek[pos_c] == nk)
-    mi_new = np.nonzero(matched)[0]
-    mi_old = pos_c[matched]
-    value_cols = [c for c in existing.column_names if c not in KEYS[kind] and c != "date"]
-    old_rows = existing.take(pa.array(mi_old)).select(value_cols)
-    new_rows = new.take(pa.array(mi_new)).select(value_cols)
-    # a value is in conflict when both sides have it and they differ; a side's null is filled by the other
-    conflict = np.zeros(len(mi_new), bool)
-    fill = np.zeros(len(mi_new), bool)
-    first_conflict = None
-    for name in value_cols:
-        a, b = old_rows.column(name), new_rows.column(name)
-        an = a.is_null().to_numpy(zero_copy_only=False)
-        bn = b.is_null().to_numpy(zero_copy_only=False)
-        both = ~an & ~bn
-        eq = _values_equal(pa.table({name: a}), pa.table({name: b}))
-        c = both & ~eq
-        if c.any() and first_conflict is None:
-            i = int(np.nonzero(c)[0][0])
-            first_conflict = (name, i, a[i].as_py(), b[i].as_py())
-        conflict |= c
-        fill |= an & ~bn
-    n_conf = int(conflict.sum())
-    if n_conf and on_conflict == "error":
-        name, i, a, b = first_conflict
-        key = _describe_key(new, kind, int(mi_new[i]))
-        raise ConflictError(
-            f"{label}: {n_conf} row(s) conflict with stored values, e.g. {key} {name}: stored {a!r}, "
-            f"new {b!r}. Nothing was written; pass on_conflict='overwrite' (CLI: --on-conflict overwrite) "
-            "to let the new source win, or 'keep' to keep the stored values")
-    # per cell: the new value where the stored one is null, or where it conflicts and new wins
-    cols = {}
-    for name in value_cols:
-        a, b = old_rows.column(name), new_rows.column(name)
-        use_new = a.is_null().to_numpy(zero_copy_only=False)
-        if on_conflict == "overwrite":
-            use_new = use_new | ~b.is_null().to_numpy(zero_copy_only=False)
-        cols[name] = pc.if_else(pa.array(use_new), b, a) if len(use_new) else a
-    changed = conflict if on_conflict == "overwrite" else np.zeros_like(conflict)
-    changed = changed | fill
-    updated = existing
-    if changed.any():
-        # rebuild the matched old rows with chosen values
-        upd_idx = mi_old[changed]
-        rows = pa.table({n: cols[n].filter(pa.array(changed)) for n in value_cols})
-        keep_mask = np.ones(existing.num_rows, bool)
-        keep_mask[upd_idx] = False
-        keyed = existing.take(pa.array(upd_idx)).select([c for c in existing.column_names if c not in value_cols])
-        replaced = pa.Table.from_arrays(
-            [keyed.column(c) if c in keyed.column_names else rows.column(c) for c in existing.column_names],
-            names=existing.column_names).cast(existing.schema)
-        updated = pa.concat_tables([existing.filter(pa.array(keep_mask)), replaced])
-    added_rows = new.filter(pa.array(~matched))
-    out = pa.concat_tables([updated, added_rows.cast(existing.schema)])
-    if kind == "ticks":
-        out = out.take(pc.sort_indices(out, [("time", "ascending"), ("seq", "ascending")]))
-    else:
-        out = out.take(pc.sort_indices(out, [(KEYS[kind][0], "ascending")]))
-    stats = (int((~matched).sum()), int(changed.sum()), int(len(mi_new) - changed.sum()), n_conf)
-    return out, stats
-
-
-def _key_json(table: pa.Table, kind: str, i: int):
-    if kind == "ticks":
-        return [table.column("time").cast(pa.int64())[i].as_py(), table.column("seq")[i].as_py()]
-    return int(_key_array(table, kind)[i])
-
-
-def _key_scalar(key):
-    return tuple(key) if isinstance(key, list) else key
 
 
 def _jsonable(v):

@@ -41,7 +41,8 @@ import pyarrow.parquet as pq
 from .errors import StoreCorruptError
 from .fileio import sha256
 from .schema import FORMAT_VERSION
-from .store import (ALIASES_FILE, Problem, Store, _check_part_metadata, _check_part_rows, _in_memory_instants)
+from .store import Problem, Store
+from .store_checks import ALIASES_FILE, _check_part_metadata, _check_part_rows, _in_memory_instants
 
 #: Temp files outside partitions younger than this (seconds) may belong to a live writer: left alone.
 TEMP_GRACE_S = 3600

@@ -22,7 +22,7 @@ import pytest
 from test_store import gspc_minutes, hikyuu_ticks, part_files, sp500
 
 from fintensor.cli import main
-from fintensor.errors import BadInputError, FintensorError, StoreCorruptError
+from fintensor.errors import BadInputError, StoreCorruptError
 from fintensor.schema import FORMAT_VERSION, UTC_NS, UTC_US
 from fintensor.store import Store, manifest_bytes
 from fintensor.store_verify import TEMP_GRACE_S
