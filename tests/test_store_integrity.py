@@ -378,3 +378,28 @@ def test_duckdb_and_polars_read_exactly_the_committed_rows_through_files(filled,
         np.testing.assert_array_equal(got.close.to_numpy(), want.close.to_numpy())
     ticks = pl.read_parquet([str(p) for p in filled.files("000001.SZ", "tick")])
     assert ticks.height == len(filled.read_ticks("000001.SZ")) and ticks.schema["time"] == pl.Datetime("us", "UTC")
+
+
+CLI_LIMITED = """
+import resource, signal, sys
+from fintensor.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+sys.exit(main(["import", *sys.argv[2:], "--store", sys.argv[1]]))
+"""
+
+
+def test_an_import_past_the_file_size_limit_is_one_error_line_exit_1(tmp_path, shared_data):
+    files = [str(shared_data / "us_daily/sp500_5yr_yahoo" / f"{s}_data.csv") for s in ("AAPL", "MSFT")]
+    root = tmp_path / "store"
+    out = subprocess.run([sys.executable, "-c", CLI_LIMITED, str(root), *files], cwd=REPO, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: could not write"), out.stderr
+    assert "Traceback" not in out.stderr and Store(root).verify() == []
+
+
+def test_cache_files_of_a_symbol_not_stored_is_one_error_line(filled, capsys):
+    assert main(["cache", "files", "NOPE", "--store", str(filled.root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: NOPE: nothing stored at interval 1d")
