@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import store_verify
 from . import symbols as _symbols
 from .calendars import parse_date
 from .errors import (BadInputError, ConflictError, MissingDataError, StoreBusyError,
@@ -43,9 +44,8 @@ from .errors import (BadInputError, ConflictError, MissingDataError, StoreBusyEr
 from .fileio import atomic_write_bytes, fsync_dir, sha256
 from .schema import (ADJUSTMENTS, DAILY_INTERVALS, DAILY_SCHEMA, FORMAT_VERSION, INTRADAY_SCHEMA, KEYS,
                      NONNEGATIVE, SCHEMAS, TICK_SCHEMA, UTC_NS, UTC_US, interval_kind, parse_interval)
-
-from .store_checks import (ALIASES_FILE, _aliases_problem, _canonical, _check_part_metadata, _check_part_rows,
-                           _in_memory_instants, _manifest_problem, manifest_bytes)
+from .store_checks import (ALIASES_FILE, Problem, _aliases_problem, _canonical, _check_part_metadata,
+                           _check_part_rows, _in_memory_instants, _manifest_problem, manifest_bytes)
 from .store_rows import _key_array, _key_json, _key_scalar, _merge_tables, conform, conform_counted
 
 # kept importable from here until the other modules import them from fileio/schema (the lead repoints them)
@@ -81,19 +81,6 @@ class WriteResult:
     conflicts: int = 0
     noop: bool = False
     rounded: int = 0  # instants floored to microseconds (ticks: counted on the first day a call writes)
-
-
-@dataclasses.dataclass
-class Problem:
-    """One finding of ``Store.verify``: the file at fault and what is wrong with it."""
-
-    path: str
-    message: str
-    repaired: bool = False
-    leftover: bool = False  # a file of an interrupted write: harmless to fintensor, removed by repair=True
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" + (" (repaired)" if self.repaired else "")
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -694,9 +681,7 @@ class Store:
     def verify(self, repair: bool = False) -> list[Problem]:
         """Check every partition: manifest (its own checksum, and against its parts), part sizes, SHA-256
         checksums, schema, rows, key order; and the alias table. See ``fintensor.store_verify``."""
-        from .store_verify import verify
-
-        return verify(self, repair)
+        return store_verify.verify(self, repair)
 
     def migrate(self) -> list[str]:
         """Rewrite every partition written by an older format (nanosecond instants, manifests without their

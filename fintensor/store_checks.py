@@ -3,6 +3,7 @@ their parts' entries), the alias table (its SHA-256), and each part's Parquet fo
 manifest entry. Used by every reader and by ``verify``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -14,6 +15,19 @@ from .errors import StoreCorruptError
 from .fileio import sha256
 from .schema import DISK_SCHEMAS, FORMAT_VERSION, KEYS, SCHEMAS, UTC_NS, UTC_US
 from .store_rows import _key_scalar
+
+@dataclasses.dataclass
+class Problem:
+    """One finding of ``Store.verify``: the file at fault and what is wrong with it."""
+
+    path: str
+    message: str
+    repaired: bool = False
+    leftover: bool = False  # a file of an interrupted write: harmless to fintensor, removed by repair=True
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" + (" (repaired)" if self.repaired else "")
+
 
 
 _PART_NAME = re.compile(r"part-[0-9a-f]{16}\.parquet")

@@ -34,6 +34,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,8 +42,10 @@ import pyarrow.parquet as pq
 from .errors import StoreCorruptError
 from .fileio import sha256
 from .schema import FORMAT_VERSION
-from .store import Problem, Store
-from .store_checks import ALIASES_FILE, _check_part_metadata, _check_part_rows, _in_memory_instants
+from .store_checks import ALIASES_FILE, Problem, _check_part_metadata, _check_part_rows, _in_memory_instants
+
+if TYPE_CHECKING:
+    from .store import Store
 
 #: Temp files outside partitions younger than this (seconds) may belong to a live writer: left alone.
 TEMP_GRACE_S = 3600
