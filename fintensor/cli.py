@@ -206,8 +206,9 @@ def add_cache(sub, common):
                                                  "verify finds a problem, 2 on bad input. `fintensor cache "
                                                  "SUBCOMMAND --help` for more.", HELP_WIDTH - 4),
                        epilog=_examples("fintensor cache list --store ./store", "fintensor cache info 600519.SS",
-                                        "fintensor cache verify --repair", "fintensor cache rm AAPL --interval 1m"))
-    csub = p.add_subparsers(dest="cache_cmd", metavar="{list,info,verify,rm}", required=True)
+                                        "fintensor cache verify --repair", "fintensor cache rm AAPL --interval 1m",
+                                        "fintensor cache files AAPL MSFT --interval 1d", "fintensor cache migrate"))
+    csub = p.add_subparsers(dest="cache_cmd", metavar="{list,info,verify,rm,files,migrate}", required=True)
 
     def cache_command(name: str, summary: str, description: str, *examples: str):
         return csub.add_parser(name, parents=[common], help=summary,
@@ -224,12 +225,26 @@ def add_cache(sub, common):
     q = cache_command("verify", "check sizes, checksums and schemas of every file",
                       "Check every file's size, checksum, schema and key order. Exit 1 when a problem is found.",
                       "fintensor cache verify", "fintensor cache verify --repair")
-    q.add_argument("--repair", action="store_true", help="remove leftovers of interrupted writes")
+    q.add_argument("--repair", action="store_true",
+                   help="remove leftovers of interrupted writes (a partition without a manifest is moved to "
+                        ".quarantine, never deleted)")
     q = cache_command("rm", "remove a symbol (all intervals unless --interval)",
                       "Remove a symbol's stored data: every interval and its ticks, or only --interval.",
                       "fintensor cache rm AAPL", "fintensor cache rm 000001.SZ --interval tick")
     q.add_argument("symbol", help="any common spelling")
     q.add_argument("--interval", default=None, help="only this interval ('tick' for ticks; default: all)")
+    q = cache_command("files", "the committed Parquet parts, one path per line",
+                      "The committed Parquet parts of SYMBOLs (default: every stored one), one path per line: "
+                      "hand these to DuckDB, Polars, Spark or Ray instead of globbing a folder, which would also "
+                      "read superseded or orphan parts.",
+                      "fintensor cache files AAPL MSFT --interval 1d",
+                      "fintensor cache files --interval tick --json > parts.json")
+    q.add_argument("symbols", nargs="*", metavar="SYMBOL", help="symbols (default: every stored one)")
+    q.add_argument("--interval", default="1d", help="bar interval, or 'tick' (default: 1d)")
+    cache_command("migrate", "rewrite an older store format in the current one",
+                  "Rewrite every partition written by an older fintensor (nanosecond timestamps) in the current "
+                  "format, one partition at a time, atomically; old stores stay readable until then.",
+                  "fintensor cache migrate", "fintensor cache migrate --store ./store")
 
 
 def cmd_cache(args) -> int:
@@ -259,7 +274,9 @@ def cmd_cache(args) -> int:
             advice = []
             if leftovers:
                 advice.append("remove the leftovers of interrupted writes with `fintensor cache verify --repair`")
-            if leftovers < len(bad):
+            if any("cache migrate" in p.message for p in bad):
+                advice.append("rewrite partitions of an older format with `fintensor cache migrate`")
+            if leftovers + sum("cache migrate" in p.message for p in bad) < len(bad):
                 advice.append("re-import the damaged symbols or remove them with `fintensor cache rm`")
             summary = f"{len(bad)} problem(s) in {store.root}: {'; '.join(advice)}"
         elif store.root.exists():
@@ -270,6 +287,14 @@ def cmd_cache(args) -> int:
         if bad and args.quiet and not args.json:  # quiet prints nothing but errors: these are errors
             print("\n".join(map(str, bad)), file=sys.stderr)
         return EXIT_FAILURE if bad else EXIT_OK
+    if args.cache_cmd == "files":
+        paths = [str(p) for p in store.files(args.symbols or None, args.interval)]
+        _emit(args, paths, "\n".join(paths) if paths else None)
+        return EXIT_OK
+    if args.cache_cmd == "migrate":
+        done = store.migrate()
+        _emit(args, {"migrated": done}, "\n".join([*done, f"migrated {len(done)} partition(s) in {store.root}"]))
+        return EXIT_OK
     if args.cache_cmd == "rm":
         n = store.remove(args.symbol, args.interval)
         _emit(args, {"removed": n}, f"removed {n} partition(s) of {args.symbol}")

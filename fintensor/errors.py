@@ -29,6 +29,22 @@ class StoreCorruptError(FintensorError):
     """A store file failed its checksum, size or schema check; it is named and never read."""
 
 
+class StoreBusyError(FintensorError):
+    """Another process held the store's write lock for longer than the lock timeout."""
+
+
+class StoreWriteError(FintensorError):
+    """A store write failed part-way (disk full, file size limit, I/O error).
+
+    ``committed`` lists the WriteResults of partitions committed before the failure (a re-run completes
+    the rest); the failed partition itself was left as it was.
+    """
+
+    def __init__(self, message: str, committed: list | None = None):
+        super().__init__(message)
+        self.committed = list(committed or [])
+
+
 class DownloadError(FintensorError):
     """Some or all symbols could not be downloaded (the good ones were stored)."""
 

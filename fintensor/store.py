@@ -12,15 +12,19 @@ commit point: new parts are written aside, fsynced and renamed in, then the mani
 atomically, then superseded parts are deleted. A crash at any moment leaves the old or the new
 manifest, never a mix; files no manifest lists are leftovers that the next write (or
 ``verify(repair=True)``) removes. Writers hold an inter-process lock; readers need none.
+
+Modules: ``schema`` (columns, keys, intervals), ``store_rows`` (validate, de-duplicate and merge rows),
+``store_checks`` (what a manifest, the alias table and a part must pass before they are trusted; every read
+runs them), ``store_verify`` (``Store.verify`` and its repair), and this one (layout, commits, reads).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -32,68 +36,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import store_verify
 from . import symbols as _symbols
 from .calendars import parse_date
-from .errors import BadInputError, ConflictError, MissingDataError, StoreCorruptError
+from .errors import (BadInputError, ConflictError, MissingDataError, StoreBusyError,
+                     StoreCorruptError, StoreWriteError)
+from .fileio import atomic_write_bytes, fsync_dir, sha256
+from .schema import (ADJUSTMENTS, DAILY_INTERVALS, DAILY_SCHEMA, FORMAT_VERSION, INTRADAY_SCHEMA, KEYS,
+                     NONNEGATIVE, SCHEMAS, TICK_SCHEMA, UTC_NS, UTC_US, interval_kind, parse_interval)
+from .store_checks import (ALIASES_FILE, Problem, _aliases_problem, _canonical, _check_part_metadata,
+                           _check_part_rows, _in_memory_instants, _manifest_problem, manifest_bytes)
+from .store_rows import _key_array, _key_json, _key_scalar, _merge_tables, conform, conform_counted
 
-FORMAT_VERSION = 1
-F64 = pa.float64()
-UTC_NS = pa.timestamp("ns", tz="UTC")
+# kept importable from here until the other modules import them from fileio/schema (the lead repoints them)
+_fsync_dir = fsync_dir
+_sha256 = sha256
+__all__ = ["Store", "WriteResult", "Problem", "conform", "local_dates", "default_root", "atomic_write_bytes",
+           "ADJUSTMENTS", "DAILY_INTERVALS", "DAILY_SCHEMA", "FORMAT_VERSION", "INTRADAY_SCHEMA", "KEYS",
+           "NONNEGATIVE", "SCHEMAS", "TICK_SCHEMA", "UTC_NS", "UTC_US", "interval_kind", "parse_interval"]
 
-#: Daily (and weekly/monthly) bars: one row per exchange-local session date.
-DAILY_SCHEMA = pa.schema([
-    ("date", pa.date32()),
-    ("open", F64), ("high", F64), ("low", F64), ("close", F64),
-    ("adj_close", F64),      # fully adjusted close (splits and dividends), when the source has it
-    ("volume", F64),         # shares (lots converted on import)
-    ("amount", F64),         # traded value in the quote currency
-    ("turnover", F64),       # percent of float traded
-    ("pre_close", F64),      # exchange's reference previous close (ex-right adjusted)
-    ("dividend", F64),       # cash dividend per share on its ex-date; 0 = none, null = unknown
-    ("split", F64),          # split ratio on its ex-date (7.0 for 7:1); 1 = none, null = unknown
-    ("trade_status", pa.int8()),  # 1 traded, 0 suspended; null = unknown
-])
-#: Intraday bars: one row per bar, labelled by the bar's start instant (UTC); ``date`` is the local session.
-INTRADAY_SCHEMA = pa.schema([
-    ("time", UTC_NS), ("date", pa.date32()),
-    ("open", F64), ("high", F64), ("low", F64), ("close", F64),
-    ("volume", F64), ("amount", F64),
-])
-#: Ticks (trades and/or quotes); ``seq`` orders records that share an instant. Partitioned by local date.
-TICK_SCHEMA = pa.schema([
-    ("time", UTC_NS), ("seq", pa.int32()),
-    ("price", F64), ("volume", F64), ("amount", F64),
-    ("side", pa.int8()),     # 0 buy, 1 sell, 2 auction/unknown
-    ("bid", F64), ("bid_size", F64), ("ask", F64), ("ask_size", F64),
-])
-SCHEMAS = {"daily": DAILY_SCHEMA, "intraday": INTRADAY_SCHEMA, "ticks": TICK_SCHEMA}
-KEYS = {"daily": ("date",), "intraday": ("time",), "ticks": ("time", "seq")}
-NONNEGATIVE = {"open", "high", "low", "close", "adj_close", "volume", "amount", "turnover", "pre_close",
-               "dividend", "price", "bid", "bid_size", "ask", "ask_size"}
-ADJUSTMENTS = ("raw", "split", "full")
 MAX_PARTS = 16  # an append beyond this many parts compacts the partition into one
-
-_INTERVAL_ALIASES = {
-    "1d": "1d", "d": "1d", "day": "1d", "daily": "1d", "1day": "1d",
-    "1wk": "1wk", "1w": "1wk", "week": "1wk", "weekly": "1wk",
-    "1mo": "1mo", "month": "1mo", "monthly": "1mo",
-    "1m": "1m", "1min": "1m", "2m": "2m", "5m": "5m", "5min": "5m", "15m": "15m", "15min": "15m",
-    "30m": "30m", "30min": "30m", "60m": "60m", "1h": "60m", "60min": "60m", "90m": "90m",
-}
-DAILY_INTERVALS = ("1d", "1wk", "1mo")
-
-
-def parse_interval(interval: str) -> str:
-    """Canonical interval name ('1d', '1m', '5m', '60m', ...) or a BadInputError listing the valid ones."""
-    key = str(interval).strip().lower()
-    if key not in _INTERVAL_ALIASES:
-        valid = ", ".join(sorted(set(_INTERVAL_ALIASES.values()), key=lambda s: (s[-1], len(s), s)))
-        raise BadInputError(f"unknown interval {interval!r}; use one of {valid}")
-    return _INTERVAL_ALIASES[key]
-
-
-def interval_kind(interval: str) -> str:
-    return "daily" if parse_interval(interval) in DAILY_INTERVALS else "intraday"
 
 
 def default_root() -> Path:
@@ -118,209 +80,19 @@ class WriteResult:
     unchanged: int = 0
     conflicts: int = 0
     noop: bool = False
-
-
-@dataclasses.dataclass
-class Problem:
-    """One finding of ``Store.verify``: the file at fault and what is wrong with it."""
-
-    path: str
-    message: str
-    repaired: bool = False
-    leftover: bool = False  # a file of an interrupted write: harmless to fintensor, removed by repair=True
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" + (" (repaired)" if self.repaired else "")
+    rounded: int = 0  # instants floored to microseconds (ticks: counted on the first day a call writes)
 
 
 # --------------------------------------------------------------------------------------------- files
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write aside, fsync, rename over ``path``, fsync the directory: all of it or none of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # no .parquet suffix: globs never see it
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _table_bytes(table: pa.Table) -> bytes:
+    """A part's Parquet bytes; instants are written as microseconds (what Spark and every engine reads)."""
+    if "time" in table.column_names and table.schema.field("time").type != UTC_US:
+        table = table.set_column(table.schema.get_field_index("time"), "time", table.column("time").cast(UTC_US))
     sink = pa.BufferOutputStream()
     # no dictionary pages: every column is numeric, where they cost time and bytes
     pq.write_table(table, sink, compression="zstd", write_page_checksum=True, row_group_size=1 << 20,
                    use_dictionary=False)
     return sink.getvalue().to_pybytes()
-
-
-# ------------------------------------------------------------------------------------ table hygiene
-def _to_arrow(data) -> pa.Table:
-    if isinstance(data, pa.Table):
-        return data
-    try:
-        import pandas as pd
-    except ImportError:  # pragma: no cover
-        pd = None
-    if pd is not None and isinstance(data, pd.DataFrame):
-        return pa.Table.from_pandas(data, preserve_index=False)
-    raise BadInputError(f"expected a pyarrow Table or pandas DataFrame, got {type(data).__name__}")
-
-
-def _describe_key(table: pa.Table, kind: str, i: int) -> str:
-    return ", ".join(f"{k}={table.column(k)[i].as_py()}" for k in KEYS[kind])
-
-
-def conform(data, kind: str, label: str = "") -> pa.Table:
-    """Cast ``data`` to the kind's schema, validate values, sort by key and drop exact duplicates.
-
-    Raises BadInputError naming the column, the row and the value for unknown columns, missing keys,
-    uncastable values, inf, negative prices or volumes, and duplicate keys with different values.
-    """
-    schema = SCHEMAS[kind]
-    table = _to_arrow(data)
-    where = f"{label}: " if label else ""
-    unknown = [n for n in table.column_names if n not in schema.names]
-    if unknown:
-        raise BadInputError(f"{where}unknown column(s) {unknown}; the {kind} schema has {schema.names}")
-    missing = [k for k in KEYS[kind] if k not in table.column_names and k != "seq"]
-    if missing:
-        raise BadInputError(f"{where}missing key column(s) {missing}")
-    if table.num_rows == 0:
-        raise BadInputError(f"{where}no rows to write (the input is empty)")
-    cols = []
-    for field in schema:
-        if field.name in table.column_names:
-            col = table.column(field.name)
-            if pa.types.is_boolean(col.type) and pa.types.is_floating(field.type):  # True would become 1.0
-                raise BadInputError(f"{where}column {field.name!r} holds true/false values, not numbers")
-            try:
-                col = col.cast(field.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise BadInputError(f"{where}column {field.name!r} cannot be read as {field.type}: {exc}") from None
-            if pa.types.is_floating(field.type):
-                bad_inf = pc.is_inf(col)
-                if pc.any(bad_inf).as_py():
-                    i = pc.index(bad_inf, True).as_py()
-                    raise BadInputError(f"{where}column {field.name!r} has an infinite value at row {i}; "
-                                        "fix or drop that row")
-                col = pc.if_else(pc.is_nan(col), pa.scalar(None, F64), col)
-            if field.name in NONNEGATIVE:
-                neg = pc.fill_null(pc.less(col, 0), False)
-                if pc.any(neg).as_py():
-                    i = pc.index(neg, True).as_py()
-                    raise BadInputError(f"{where}column {field.name!r} has a negative value {col[i].as_py()} "
-                                        f"at row {i}; prices and volumes must be >= 0")
-            if field.name == "split":
-                nonpos = pc.fill_null(pc.less_equal(col, 0), False)
-                if pc.any(nonpos).as_py():
-                    raise BadInputError(f"{where}column 'split' must be > 0 (1 = no split)")
-        elif field.name == "seq":
-            col = pa.nulls(table.num_rows, field.type)  # filled below
-        else:
-            col = pa.nulls(table.num_rows, field.type)
-        cols.append(col)
-    out = pa.Table.from_arrays(cols, schema=schema)
-    for k in KEYS[kind]:
-        if k != "seq" and out.column(k).null_count:
-            i = pc.index(pc.is_null(out.column(k)), True).as_py()
-            raise BadInputError(f"{where}key column {k!r} is empty at row {i}")
-    if kind == "ticks" and out.column("seq").null_count == out.num_rows:
-        out = out.set_column(1, "seq", pa.array(_seq_within_time(out.column("time")), pa.int32()))
-    if kind == "ticks":
-        order = pc.sort_indices(out, [("time", "ascending"), ("seq", "ascending")])
-    else:
-        order = pc.sort_indices(out, [(KEYS[kind][0], "ascending")])
-    out = out.take(order)
-    return _dedupe(out, kind, where)
-
-
-def _seq_within_time(times: pa.ChunkedArray) -> np.ndarray:
-    """0, 1, 2... for records sharing an instant, in input order (a stable sort keeps it)."""
-    t = times.to_numpy().astype("int64")
-    order = np.argsort(t, kind="stable")
-    ts = t[order]
-    start = np.r_[True, ts[1:] != ts[:-1]]
-    run_start = np.maximum.accumulate(np.where(start, np.arange(len(ts)), 0))
-    seq = np.empty(len(t), np.int64)
-    seq[order] = np.arange(len(ts)) - run_start
-    return seq
-
-
-def _keys(kind: str, *tables: pa.Table) -> list[np.ndarray]:
-    """Sortable int64 keys, comparable across ``tables`` (daily: days; intraday: ns; ticks: ranks)."""
-    if kind == "daily":
-        return [t.column("date").cast(pa.int32()).to_numpy().astype(np.int64) for t in tables]
-    times = [t.column("time").cast(pa.int64()).to_numpy() for t in tables]
-    if kind != "ticks":
-        return times
-    # (time, seq) pairs -> dense lexicographic ranks over all tables together
-    seqs = [t.column("seq").cast(pa.int64()).to_numpy() for t in tables]
-    t_all, s_all = np.concatenate(times), np.concatenate(seqs)
-    order = np.lexsort((s_all, t_all))
-    ts, ss = t_all[order], s_all[order]
-    new_group = np.r_[True, (ts[1:] != ts[:-1]) | (ss[1:] != ss[:-1])]
-    ranks = np.empty(len(order), np.int64)
-    ranks[order] = np.cumsum(new_group) - 1
-    return np.split(ranks, np.cumsum([len(x) for x in times])[:-1])
-
-
-def _key_array(table: pa.Table, kind: str) -> np.ndarray:
-    return _keys(kind, table)[0]
-
-
-def _values_equal(a: pa.Table, b: pa.Table) -> np.ndarray:
-    """Row-wise equality of two aligned tables (nulls equal nulls; floats to 1e-10 relative)."""
-    eq = np.ones(a.num_rows, bool)
-    for name in a.column_names:
-        x, y = a.column(name), b.column(name)
-        xn, yn = x.is_null().to_numpy(zero_copy_only=False), y.is_null().to_numpy(zero_copy_only=False)
-        if pa.types.is_floating(x.type):
-            xv = x.fill_null(0).to_numpy()
-            yv = y.fill_null(0).to_numpy()
-            same = np.abs(xv - yv) <= 1e-10 * np.maximum(np.abs(xv), np.abs(yv))
-        else:
-            same = x.fill_null(0).to_numpy() == y.fill_null(0).to_numpy()
-        eq &= (xn & yn) | (~xn & ~yn & same)
-    return eq
-
-
-def _dedupe(table: pa.Table, kind: str, where: str) -> pa.Table:
-    keys = _key_array(table, kind)
-    if len(keys) < 2:
-        return table
-    dup = keys[1:] == keys[:-1]
-    if not dup.any():
-        return table
-    idx = np.nonzero(dup)[0]
-    a, b = table.take(pa.array(idx)), table.take(pa.array(idx + 1))
-    same = _values_equal(a, b)
-    if not same.all():
-        i = int(idx[~same][0])
-        raise ConflictError(
-            f"{where}duplicate timestamp {_describe_key(table, kind, i)} with different values "
-            f"in the new data ({int((~same).sum())} such rows); keep one row per timestamp"
-        )
-    keep = np.ones(table.num_rows, bool)
-    keep[idx + 1] = False
-    return table.filter(pa.array(keep))
 
 
 # -------------------------------------------------------------------------------------------- store
@@ -331,9 +103,10 @@ class Store:
         self.root = Path(root).expanduser() if root is not None else default_root()
         if self.root.exists() and not self.root.is_dir():
             raise BadInputError(f"store path {self.root} exists and is not a directory")
-        self.lock_timeout = float(os.environ.get("FINTENSOR_LOCK_TIMEOUT", 600)) if lock_timeout is None \
-            else lock_timeout
+        self.lock_timeout = _lock_timeout() if lock_timeout is None else lock_timeout
         self._lock = None
+        self._checked_manifests: dict[Path, bytes] = {}  # manifest bytes that passed their checks
+        self._checked_parts: set[tuple] = set()  # (kind, sha256, manifest entry) of parts that passed theirs
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -345,8 +118,16 @@ class Store:
             from filelock import FileLock
 
             self._ensure_writable()
-            self._lock = FileLock(str(self.root / ".lock"), timeout=self.lock_timeout)
+            lock_path = self.root / ".lock"
+            if lock_path.is_symlink() or (lock_path.exists() and not lock_path.is_file()):
+                raise StoreCorruptError(f"{lock_path} is not a regular file (a directory, link or device), so the "
+                                        "store cannot be locked; remove it (it holds no data) and retry")
+            self._lock = FileLock(str(lock_path), timeout=self.lock_timeout)
         return _LockContext(self._lock, self.root, self.lock_timeout)
+
+    def _lock_if_writable(self):
+        """The lock, or no lock on a store this process cannot write (then no one else of ours writes it)."""
+        return self.lock() if os.access(self.root, os.W_OK) else contextlib.nullcontext()
 
     def _ensure_writable(self) -> None:
         try:
@@ -372,9 +153,10 @@ class Store:
 
     # ------------------------------------------------------------------------------------ writing
     def write_bars(self, symbol: str, data, *, interval: str = "1d", source: str,
-                   adjustment: str = "raw", adjusted_as_of: str | None = None,
+                   adjust: str = "raw", adjusted_as_of: str | None = None,
                    timezone: str | None = None, units: dict | None = None,
-                   on_conflict: str = "error", alias: str | None = None, dry_run: bool = False) -> WriteResult:
+                   on_conflict: str = "error", alias: str | None = None, dry_run: bool = False,
+                   adjustment: str | None = None) -> WriteResult:
         """Merge bars into ``symbol``'s partition: de-duplicate, keep sorted, report conflicts.
 
         ``dry_run=True`` raises whatever the write would raise and returns what it would do, writing nothing
@@ -383,28 +165,36 @@ class Store:
         ``on_conflict``: "error" (default: raise ConflictError and write nothing), "keep" (stored
         values win) or "overwrite" (new values win; also replaces a partition of another adjustment).
         Intraday rows without a ``date`` get the local session date of their ``time``.
+        ``adjust`` is the adjustment the prices are in (stored as the manifest's ``adjustment``);
+        ``adjustment=`` is its old spelling, accepted until every caller says ``adjust=``.
         """
         sym = _symbols.normalize(symbol)
         interval = parse_interval(interval)
         kind = interval_kind(interval)
-        if adjustment not in ADJUSTMENTS:
-            raise BadInputError(f"unknown adjustment {adjustment!r}; use one of {ADJUSTMENTS}")
+        if adjustment is not None:
+            if adjust != "raw" and adjust != adjustment:
+                raise BadInputError(f"adjust={adjust!r} and adjustment={adjustment!r} disagree; pass only adjust=")
+            adjust = adjustment
+        if adjust not in ADJUSTMENTS:
+            raise BadInputError(f"unknown adjustment {adjust!r}; use adjust= one of {ADJUSTMENTS}")
         _check_on_conflict(on_conflict)
         tz = timezone or _symbols.timezone(sym)
-        table = conform(data, kind, f"{sym} {interval}")
+        table, rounded = conform_counted(data, kind, f"{sym} {interval}")
         if kind == "intraday" and table.column("date").null_count:
             dates = pc.coalesce(table.column("date").combine_chunks(), local_dates(table.column("time"), tz))
             table = table.set_column(table.schema.get_field_index("date"), "date", dates)
-        meta = dict(kind=kind, symbol=sym, interval=interval, source=source, adjustment=adjustment,
+        meta = dict(kind=kind, symbol=sym, interval=interval, source=source, adjustment=adjust,
                     adjusted_as_of=adjusted_as_of, timezone=tz,
                     units=units or {"volume": "shares", "price_scale": 1})
         pdir = self.partition_dir(sym, interval)
         if dry_run:  # no lock: a writer may commit meanwhile, and the plan starts again from its manifest
-            return _lock_free(lambda: self._plan(pdir, table, meta, on_conflict).result, pdir)
+            return dataclasses.replace(_lock_free(lambda: self._plan(pdir, table, meta, on_conflict).result, pdir),
+                                       rounded=rounded)
         with self.lock():
             result = self._commit(pdir, self._plan(pdir, table, meta, on_conflict))
             if alias:
                 self._record_alias(alias, sym)
+        result.rounded = rounded
         return result
 
     def write_ticks(self, symbol: str, data, *, source: str, timezone: str | None = None,
@@ -418,7 +208,7 @@ class Store:
         sym = _symbols.normalize(symbol)
         _check_on_conflict(on_conflict)
         tz = timezone or _symbols.timezone(sym)
-        table = conform(data, "ticks", f"{sym} ticks")
+        table, rounded = conform_counted(data, "ticks", f"{sym} ticks")
         days = _local_dates(table.column("time"), tz)
         meta = dict(kind="ticks", symbol=sym, interval="tick", source=source, adjustment="raw",
                     adjusted_as_of=None, timezone=tz, units=units or {"volume": "shares", "price_scale": 1})
@@ -430,13 +220,18 @@ class Store:
                                        on_conflict)
 
         if dry_run:
-            return _lock_free(lambda: [plan.result for _, plan in plan_every_day()],
-                              self.partition_dir(sym, kind="ticks"))
+            results = _lock_free(lambda: [plan.result for _, plan in plan_every_day()],
+                                 self.partition_dir(sym, kind="ticks"))
+            results[0].rounded = rounded
+            return results
         with self.lock():
             plans = list(plan_every_day())
-            results = [self._commit(pdir, plan) for pdir, plan in plans]
+            results = []
+            for pdir, plan in plans:  # each day commits on its own: a failure reports the days before it
+                results.append(self._commit(pdir, plan, committed=results, of=len(plans)))
             if alias:
                 self._record_alias(alias, sym)
+        results[0].rounded = rounded
         return results
 
     def _plan(self, pdir: Path, table: pa.Table, meta: dict, on_conflict: str) -> _Plan:
@@ -475,19 +270,44 @@ class Store:
             return _Plan(result, meta, old, list(old["parts"]), None)
         return _Plan(result, meta, old, [], merged)
 
-    def _commit(self, pdir: Path, plan: _Plan) -> WriteResult:
-        """Write the plan's new part aside, then the manifest (the commit point), then drop what it replaced."""
+    def _commit(self, pdir: Path, plan: _Plan, committed: Sequence[WriteResult] = (), of: int = 1) -> WriteResult:
+        """Write the plan's new part aside, then the manifest (the commit point), then drop what it replaced.
+
+        A failed file write (disk full, file size limit, I/O error) leaves the partition's old manifest in
+        place and raises StoreWriteError saying which partitions of this call were committed before it.
+        """
         if plan.table is None:
             return plan.result
+        try:
+            return self._commit_files(pdir, plan)
+        except OSError as exc:
+            done = [r.partition for r in committed if not r.noop]
+            raise StoreWriteError(
+                f"could not write {exc.filename or pdir}: {exc.strerror or exc}; {plan.result.partition} was left "
+                f"as it was" + (f" ({len(done)} of {of} partitions of this write were committed: "
+                                f"{', '.join(done)})" if done else "") +
+                ". Free space (or raise the file size limit) and run the same command again to complete it",
+                committed=list(committed)) from None
+
+    def _commit_files(self, pdir: Path, plan: _Plan) -> WriteResult:
         kind, parts, table = plan.meta["kind"], plan.keep_parts, plan.table
         if len(parts) >= MAX_PARTS:  # compact: keep reads cheap after many appends
             table = pa.concat_tables([self._read_parts(pdir, parts, kind=kind), table])
             parts = []
+        new_dir = not pdir.exists()
         pdir.mkdir(parents=True, exist_ok=True)
-        parts = parts + [self._write_part(pdir, table, kind)]
-        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        manifest = self._manifest(plan.meta, parts, plan.old, now)
-        atomic_write_bytes(pdir / "_manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        new_part = None
+        try:
+            new_part = self._write_part(pdir, table, kind)
+            now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            manifest = self._manifest(plan.meta, parts + [new_part], plan.old, now)
+            atomic_write_bytes(pdir / "_manifest.json", manifest_bytes(manifest))
+        except OSError:  # not committed: take back what this write added (we hold the lock)
+            if new_part is not None:
+                (pdir / new_part["file"]).unlink(missing_ok=True)
+            if new_dir:
+                shutil.rmtree(pdir, ignore_errors=True)
+            raise
         self._cleanup(pdir, manifest)
         return plan.result
 
@@ -496,7 +316,7 @@ class Store:
         name = f"part-{uuid.uuid4().hex[:16]}.parquet"
         atomic_write_bytes(pdir / name, data)
         keys = table.column(KEYS[kind][0])
-        return {"file": name, "rows": table.num_rows, "bytes": len(data), "sha256": _sha256(data),
+        return {"file": name, "rows": table.num_rows, "bytes": len(data), "sha256": sha256(data),
                 "start": _jsonable(keys[0].as_py()), "end": _jsonable(keys[-1].as_py()),
                 "start_key": _key_json(table, kind, 0), "end_key": _key_json(table, kind, -1)}
 
@@ -514,7 +334,7 @@ class Store:
             rows=sum(p["rows"] for p in parts),
             start=parts[0]["start"], end=parts[-1]["end"],
             start_key=parts[0]["start_key"], end_key=parts[-1]["end_key"],
-            checksum=_sha256("".join(p["sha256"] for p in parts).encode()),
+            checksum=sha256("".join(p["sha256"] for p in parts).encode()),
         )
         if meta["kind"] != "daily":
             d0, d1 = (self._read_parts_dates(parts, meta))
@@ -540,23 +360,47 @@ class Store:
                 f.unlink(missing_ok=True)
                 removed.append(f.name)
         if removed:
-            _fsync_dir(pdir)
+            fsync_dir(pdir)
         return removed
 
     def _record_alias(self, alias: str, symbol: str) -> None:
         alias = alias.strip()
         if alias == symbol:
             return
-        path = self.root / "aliases.json"
-        aliases = json.loads(path.read_text()) if path.exists() else {}
+        aliases = self.aliases()
         if aliases.get(alias) != symbol:
             aliases[alias] = symbol
-            atomic_write_bytes(path, json.dumps(aliases, indent=1, sort_keys=True).encode())
+            try:
+                self._write_aliases(aliases)
+            except OSError as exc:
+                raise StoreWriteError(f"{symbol} was stored, but the alias {alias!r} could not be recorded "
+                                      f"({exc.strerror or exc}); free space and run the same command again") from None
+
+    def _write_aliases(self, aliases: dict[str, str]) -> None:
+        body = {"aliases": dict(sorted(aliases.items()))}
+        atomic_write_bytes(self.root / ALIASES_FILE, json.dumps(
+            {**body, "sha256": sha256(_canonical(body))}, indent=1, sort_keys=True).encode())
 
     def aliases(self) -> dict[str, str]:
-        """User spellings seen on import or download, mapped to canonical symbols."""
-        path = self.root / "aliases.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        """User spellings seen on import or download, mapped to canonical symbols.
+
+        The table carries a SHA-256 of its content; a damaged one raises StoreCorruptError (one line) and
+        ``verify(repair=True)`` resets it. A table of format 1 (a plain mapping, no checksum) is still read.
+        """
+        path = self.root / ALIASES_FILE
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise StoreCorruptError(f"{path}: cannot be read ({exc.strerror}); run `fintensor cache verify "
+                                    "--repair`") from None
+        problem = _aliases_problem(raw)
+        if problem:
+            raise StoreCorruptError(f"{path}: the alias table {problem}; run `fintensor cache verify --repair` "
+                                    "(it resets the table; aliases are recorded again on the next import)")
+        table = json.loads(raw)
+        return dict(table["aliases"]) if "sha256" in table else dict(table)
 
     # ------------------------------------------------------------------------------------ reading
     def _load_manifest(self, pdir: Path) -> dict | None:
@@ -570,10 +414,18 @@ class Store:
             manifest = json.loads(raw)
         except ValueError:
             manifest = None
-        problem = "is not valid JSON" if manifest is None else _manifest_problem(manifest)
+        if manifest is not None and self._checked_manifests.get(path) == raw:  # these exact bytes passed
+            return manifest
+        try:
+            problem = "is not valid JSON" if manifest is None else _manifest_problem(manifest)
+        except (TypeError, KeyError, AttributeError, IndexError):
+            problem = "is malformed"
         if problem:
             raise StoreCorruptError(f"{path}: manifest {problem}; run `fintensor cache verify`, then re-import "
                                     "the symbol or remove it with `fintensor cache rm`")
+        if len(self._checked_manifests) > 4096:
+            self._checked_manifests.clear()
+        self._checked_manifests[path] = raw
         return manifest
 
     def manifest(self, symbol: str, interval: str = "1d", date=None) -> dict | None:
@@ -600,18 +452,31 @@ class Store:
                 raise StoreCorruptError(
                     f"{path}: {size} bytes where the manifest says {p['bytes']} (truncated or replaced); "
                     "it was not read. Re-import the data or run `fintensor cache rm` on the symbol")
-            if verify and _sha256(data) != p["sha256"]:
+            if verify and sha256(data) != p["sha256"]:
                 raise StoreCorruptError(
                     f"{path}: checksum mismatch (the file is corrupted); it was not read. "
                     "Re-import the data or run `fintensor cache rm` on the symbol")
+            # bytes whose SHA-256 was just verified and that passed the checks below against this same
+            # manifest entry once need not be checked again (same bytes, same entry: same answer)
+            entry = (kind, p["sha256"], p["rows"], str(p["start_key"]), str(p["end_key"]))
+            checked = verify and entry in self._checked_parts
             try:  # threads only pay off on big parts; SHA-256 already covers what page checksums would
                 with pq.ParquetFile(source, page_checksum_verification=not verify) as pf:
-                    tables.append(pf.read(columns=list(columns) if columns else None,
-                                          use_threads=size > 1 << 23))
+                    if not checked:
+                        _check_part_metadata(pf, p, kind, path)
+                    table = pf.read(columns=list(columns) if columns else None, use_threads=size > 1 << 23)
             except FileNotFoundError:
                 raise _Vanished(path) from None
             except (pa.ArrowException, OSError) as exc:
                 raise StoreCorruptError(f"{path}: unreadable Parquet ({exc})") from None
+            table = _in_memory_instants(table)
+            if not checked:
+                _check_part_rows(table, p, kind, path)
+                if verify and all(k in table.column_names for k in KEYS[kind]):
+                    if len(self._checked_parts) > 65536:
+                        self._checked_parts.clear()
+                    self._checked_parts.add(entry)
+            tables.append(table)
         if not tables:
             empty = SCHEMAS[kind].empty_table()
             return empty.select(list(columns)) if columns else empty
@@ -812,85 +677,51 @@ class Store:
                 raise MissingDataError(f"{sym} ({interval or 'any interval'}) is not in the store at {self.root}")
         return count
 
-    # ------------------------------------------------------------------------------------ verify
+    # ------------------------------------------------------------------------ verify, migrate, files
     def verify(self, repair: bool = False) -> list[Problem]:
-        """Check every partition: manifest, part sizes, SHA-256 checksums, schema, rows, key order.
+        """Check every partition: manifest (its own checksum, and against its parts), part sizes, SHA-256
+        checksums, schema, rows, key order; and the alias table. See ``fintensor.store_verify``."""
+        return store_verify.verify(self, repair)
 
-        Files no manifest lists (left by an interrupted write) are reported, and removed with repair=True.
-        Corrupt parts are reported by name; nothing is ever read past a failed check.
-        """
-        problems: list[Problem] = []
-        if not self.root.exists():
-            return problems
-        ctx = self.lock() if repair else _nullcontext()
-        with ctx:
-            pdirs = {p.parent for p in self.root.glob("bars/interval=*/symbol=*/*")} | \
-                    {p.parent for p in self.root.glob("ticks/symbol=*/date=*/*")}
-            for pdir in sorted(pdirs):
-                problems.extend(self._verify_partition(pdir, repair))
-            for junk in list(self.root.glob("**/.trash-*")):
-                problems.append(Problem(str(junk), "leftover of an interrupted removal", repair, True))
-                if repair:
-                    shutil.rmtree(junk, ignore_errors=True)
-            # aliases, tensor cache, the writability probe
-            for junk in [*self.root.glob(".*.tmp"), *self.root.glob("tensors/.*.tmp"), *self.root.glob(".probe-*")]:
-                problems.append(Problem(str(junk), "leftover of an interrupted write", repair, True))
-                if repair:
-                    junk.unlink(missing_ok=True)
-        return problems
+    def migrate(self) -> list[str]:
+        """Rewrite every partition written by an older format (nanosecond instants, manifests without their
+        own checksum) in the current one, each atomically under the lock. Returns the partitions rewritten."""
+        done = []
+        with self.lock():
+            for pdir, _ in list(self._manifests()):
+                old = self._load_manifest(pdir)
+                if old is None or old.get("format", 1) >= FORMAT_VERSION:
+                    continue
+                table = self._read_parts(pdir, old["parts"], kind=old["kind"])
+                meta = {k: old[k] for k in ("kind", "symbol", "interval", "source", "adjustment", "adjusted_as_of",
+                                            "timezone", "units", "date") if k in old}
+                result = WriteResult(old["symbol"], old["kind"], str(pdir.relative_to(self.root)), updated=0)
+                self._commit(pdir, _Plan(result, meta, old, [], table))
+                done.append(result.partition)
+        return done
 
-    def _verify_partition(self, pdir: Path, repair: bool) -> list[Problem]:
-        out = []
-        try:
-            man = self._load_manifest(pdir)
-        except StoreCorruptError as exc:
-            return [Problem(str(pdir / "_manifest.json"), str(exc).split(": ", 1)[-1])]
-        if man is None:
-            files = [f for f in pdir.iterdir() if f.is_file()]
-            out.append(Problem(str(pdir), f"no manifest; {len(files)} uncommitted file(s) from an interrupted "
-                                          "write", repair, True))
-            if repair:
-                shutil.rmtree(pdir, ignore_errors=True)
-            return out
-        kind = man.get("kind")
-        schema = SCHEMAS.get(kind)
-        listed = {p["file"] for p in man.get("parts", [])}
-        for f in sorted(pdir.iterdir()):
-            if f.is_file() and f.name not in listed and f.name != "_manifest.json":
-                out.append(Problem(str(f), "not listed in the manifest (leftover of an interrupted write)",
-                                   repair, True))
-                if repair:
-                    f.unlink(missing_ok=True)
-        rows = 0
-        for p in man.get("parts", []):
-            path = pdir / p["file"]
-            if not path.exists():
-                out.append(Problem(str(path), "listed in the manifest but missing"))
+    def files(self, symbols: str | Iterable[str] | None = None, interval: str = "1d") -> list[Path]:
+        """The committed part files of ``symbols`` (all stored ones when None) at ``interval`` ('tick' for
+        ticks), from their manifests: what an engine (DuckDB, Polars, Spark, Ray) should read instead of
+        globbing a partition folder, which may hold leftovers or parts being superseded."""
+        ticks = str(interval).lower() in ("tick", "ticks")
+        iv = None if ticks else parse_interval(interval)
+        if symbols is None:
+            wanted = None
+        else:
+            wanted = {_symbols.normalize(s) for s in ([symbols] if isinstance(symbols, str) else symbols)}
+        out, found = [], set()
+        for pdir, _ in self._manifests():
+            m = self._load_manifest(pdir)
+            if m is None or (m["kind"] == "ticks") != ticks or (iv is not None and m["interval"] != iv):
                 continue
-            data = path.read_bytes()
-            if len(data) != p["bytes"]:
-                out.append(Problem(str(path), f"{len(data)} bytes, manifest says {p['bytes']} (truncated?)"))
-                continue
-            if _sha256(data) != p["sha256"]:
-                out.append(Problem(str(path), "checksum mismatch (corrupted)"))
-                continue
-            try:
-                t = pq.read_table(pa.BufferReader(data))
-            except (pa.ArrowException, OSError) as exc:
-                out.append(Problem(str(path), f"unreadable Parquet: {exc}"))
-                continue
-            if schema is not None and not t.schema.equals(schema, check_metadata=False):
-                out.append(Problem(str(path), "schema differs from the documented schema"))
-                continue
-            if t.num_rows != p["rows"]:
-                out.append(Problem(str(path), f"{t.num_rows} rows, manifest says {p['rows']}"))
-                continue
-            keys = _key_array(t, kind)
-            if len(keys) > 1 and not (np.diff(keys) > 0).all():
-                out.append(Problem(str(path), "rows are not sorted by a unique key"))
-            rows += t.num_rows
-        if rows != man.get("rows", rows) and not out:
-            out.append(Problem(str(pdir / "_manifest.json"), f"rows {man.get('rows')} != parts' {rows}"))
+            if wanted is None or m["symbol"] in wanted:
+                out.extend(pdir / p["file"] for p in m["parts"])
+                found.add(m["symbol"])
+        missing = sorted((wanted or set()) - found)
+        if missing:
+            raise MissingDataError(f"{', '.join(missing)}: nothing stored at interval {interval} in {self.root}; "
+                                   "see `fintensor cache list`")
         return out
 
 
@@ -931,45 +762,6 @@ def _check_on_conflict(on_conflict: str) -> None:
         raise BadInputError(f"on_conflict must be 'error', 'keep' or 'overwrite', not {on_conflict!r}")
 
 
-_PART_NAME = re.compile(r"part-[0-9a-f]{16}\.parquet")
-_MANIFEST_FIELDS = ("kind", "symbol", "interval", "source", "adjustment", "timezone", "units", "created",
-                    "updated", "parts", "rows", "start", "end", "start_key", "end_key", "checksum")
-_PART_FIELDS = ("file", "rows", "bytes", "sha256", "start", "end", "start_key", "end_key")
-
-
-def _manifest_problem(m) -> str | None:
-    """What is wrong with a parsed manifest (missing fields, foreign file names, bad checksum), or None."""
-    if not isinstance(m, dict):
-        return "is not a JSON object"
-    missing = [f for f in _MANIFEST_FIELDS if f not in m]
-    if missing:
-        return f"lacks field(s) {missing}"
-    if not isinstance(m.get("format", FORMAT_VERSION), int) or m.get("format", FORMAT_VERSION) > FORMAT_VERSION:
-        return f"has format {m['format']!r}, not one this fintensor understands ({FORMAT_VERSION}); upgrade"
-    if m["kind"] not in SCHEMAS:
-        return f"has unknown kind {m['kind']!r}"
-    parts = m["parts"]
-    if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
-        return "lists no parts"
-    for p in parts:
-        if any(f not in p for f in _PART_FIELDS) or not _PART_NAME.fullmatch(str(p["file"])) \
-                or not all(isinstance(p[f], int) for f in ("rows", "bytes")):
-            return f"has a malformed part entry {str(p)[:80]}"
-    if m["rows"] != sum(p["rows"] for p in parts):
-        return f"says {m['rows']} rows but its parts hold {sum(p['rows'] for p in parts)}"
-    if m["checksum"] != _sha256("".join(p["sha256"] for p in parts).encode()):
-        return "checksum does not match its parts' checksums"
-    return None
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 class _LockContext:
     def __init__(self, lock, root, timeout):
         self.lock, self.root, self.timeout = lock, root, timeout
@@ -980,9 +772,10 @@ class _LockContext:
         try:
             self.lock.acquire()
         except Timeout:
-            raise StoreCorruptError(
+            raise StoreBusyError(
                 f"the store at {self.root} is locked by another fintensor process; waited {self.timeout:.0f} s "
-                f"(lock file {self.root / '.lock'}). Retry when it finishes") from None
+                f"(lock file {self.root / '.lock'}). Retry when it finishes, or wait longer with "
+                "$FINTENSOR_LOCK_TIMEOUT (seconds) or Store(lock_timeout=...)") from None
         return self
 
     def __exit__(self, *exc):
@@ -990,81 +783,17 @@ class _LockContext:
         return False
 
 
-def _merge_tables(existing: pa.Table, new: pa.Table, kind: str, on_conflict: str, label: str):
-    """Union of stored and new rows by key. Returns (table, (added, updated, unchanged, conflicts))."""
-    ek, nk = _keys(kind, existing, new)
-    pos = np.searchsorted(ek, nk)
-    pos_c = np.minimum(pos, len(ek) - 1)
-    matched = (pos < len(ek)) & (ek[pos_c] == nk)
-    mi_new = np.nonzero(matched)[0]
-    mi_old = pos_c[matched]
-    value_cols = [c for c in existing.column_names if c not in KEYS[kind] and c != "date"]
-    old_rows = existing.take(pa.array(mi_old)).select(value_cols)
-    new_rows = new.take(pa.array(mi_new)).select(value_cols)
-    # a value is in conflict when both sides have it and they differ; a side's null is filled by the other
-    conflict = np.zeros(len(mi_new), bool)
-    fill = np.zeros(len(mi_new), bool)
-    first_conflict = None
-    for name in value_cols:
-        a, b = old_rows.column(name), new_rows.column(name)
-        an = a.is_null().to_numpy(zero_copy_only=False)
-        bn = b.is_null().to_numpy(zero_copy_only=False)
-        both = ~an & ~bn
-        eq = _values_equal(pa.table({name: a}), pa.table({name: b}))
-        c = both & ~eq
-        if c.any() and first_conflict is None:
-            i = int(np.nonzero(c)[0][0])
-            first_conflict = (name, i, a[i].as_py(), b[i].as_py())
-        conflict |= c
-        fill |= an & ~bn
-    n_conf = int(conflict.sum())
-    if n_conf and on_conflict == "error":
-        name, i, a, b = first_conflict
-        key = _describe_key(new, kind, int(mi_new[i]))
-        raise ConflictError(
-            f"{label}: {n_conf} row(s) conflict with stored values, e.g. {key} {name}: stored {a!r}, "
-            f"new {b!r}. Nothing was written; pass on_conflict='overwrite' (CLI: --on-conflict overwrite) "
-            "to let the new source win, or 'keep' to keep the stored values")
-    # per cell: the new value where the stored one is null, or where it conflicts and new wins
-    cols = {}
-    for name in value_cols:
-        a, b = old_rows.column(name), new_rows.column(name)
-        use_new = a.is_null().to_numpy(zero_copy_only=False)
-        if on_conflict == "overwrite":
-            use_new = use_new | ~b.is_null().to_numpy(zero_copy_only=False)
-        cols[name] = pc.if_else(pa.array(use_new), b, a) if len(use_new) else a
-    changed = conflict if on_conflict == "overwrite" else np.zeros_like(conflict)
-    changed = changed | fill
-    updated = existing
-    if changed.any():
-        # rebuild the matched old rows with chosen values
-        upd_idx = mi_old[changed]
-        rows = pa.table({n: cols[n].filter(pa.array(changed)) for n in value_cols})
-        keep_mask = np.ones(existing.num_rows, bool)
-        keep_mask[upd_idx] = False
-        keyed = existing.take(pa.array(upd_idx)).select([c for c in existing.column_names if c not in value_cols])
-        replaced = pa.Table.from_arrays(
-            [keyed.column(c) if c in keyed.column_names else rows.column(c) for c in existing.column_names],
-            names=existing.column_names).cast(existing.schema)
-        updated = pa.concat_tables([existing.filter(pa.array(keep_mask)), replaced])
-    added_rows = new.filter(pa.array(~matched))
-    out = pa.concat_tables([updated, added_rows.cast(existing.schema)])
-    if kind == "ticks":
-        out = out.take(pc.sort_indices(out, [("time", "ascending"), ("seq", "ascending")]))
-    else:
-        out = out.take(pc.sort_indices(out, [(KEYS[kind][0], "ascending")]))
-    stats = (int((~matched).sum()), int(changed.sum()), int(len(mi_new) - changed.sum()), n_conf)
-    return out, stats
-
-
-def _key_json(table: pa.Table, kind: str, i: int):
-    if kind == "ticks":
-        return [table.column("time").cast(pa.int64())[i].as_py(), table.column("seq")[i].as_py()]
-    return int(_key_array(table, kind)[i])
-
-
-def _key_scalar(key):
-    return tuple(key) if isinstance(key, list) else key
+def _lock_timeout() -> float:
+    """$FINTENSOR_LOCK_TIMEOUT in seconds (default 600), or one clear error when it is not a number >= 0."""
+    raw = os.environ.get("FINTENSOR_LOCK_TIMEOUT", "600")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds >= 0 and seconds != float("inf")):
+        raise BadInputError(f"FINTENSOR_LOCK_TIMEOUT={raw!r} is not a number of seconds >= 0; "
+                            "set it to e.g. 600, or unset it")
+    return seconds
 
 
 def _jsonable(v):

@@ -208,6 +208,8 @@ def expected_files(root: Path) -> set[Path]:
         files.add(mp)
         files.update(mp.parent / p["file"] for p in json.loads(mp.read_bytes())["parts"])
     files.update(root.glob("tensors/*.safetensors"))
+    # a partition without a manifest is moved here by `verify --repair` (and reported), never deleted
+    files.update(p for p in root.glob(".quarantine/*/*") if p.is_file())
     return files
 
 
@@ -352,9 +354,12 @@ def _setup_repair(root: Path, data: Path) -> None:
     trash = root / "bars" / "interval=1d" / ".trash-0123"                 # an interrupted removal
     shutil.copytree(aapl, trash)
     (root / ".probe-0123").write_bytes(b"")                               # an interrupted writability probe
+    os.utime(root / ".probe-0123", (time.time() - 7200, time.time() - 7200))
     (root / ".aliases.json.0a1b.tmp").write_bytes(b"{")                   # a half-written alias table
     (root / "tensors").mkdir()
-    (root / "tensors" / ".0123.safetensors.0a1b.tmp").write_bytes(b"\0" * 64)  # a half-written cached tensor
+    tensor_tmp = root / "tensors" / ".0123.safetensors.0a1b.tmp"  # a half-written cached tensor, from a crash
+    tensor_tmp.write_bytes(b"\0" * 64)                             # two hours ago (a younger one may be a
+    os.utime(tensor_tmp, (time.time() - 7200, time.time() - 7200))  # build in flight: repair leaves it)
 
 
 def _run_repair(root: Path, data: Path) -> None:

@@ -18,7 +18,7 @@ from crash_harness import Child, context, expected_files
 
 import fintensor as ft
 from fintensor.cli import main
-from fintensor.errors import FintensorError, MissingDataError, StoreCorruptError
+from fintensor.errors import FintensorError, MissingDataError, StoreBusyError, StoreCorruptError
 from fintensor.store import Store
 
 SYMBOLS = ("AAPL", "MSFT", "GE", "JPM")
@@ -147,7 +147,7 @@ def test_a_sigkilled_lock_holder_does_not_block_the_next_writer(tmp_path, chunks
     while not flag.exists():
         assert time.monotonic() < deadline, "the lock holder never took the lock"
         time.sleep(0.01)
-    with pytest.raises(StoreCorruptError, match="locked by another fintensor process"):
+    with pytest.raises(StoreBusyError, match="locked by another fintensor process"):
         ft.import_csv(chunks / "AAPL_0.csv", store=Store(root, lock_timeout=0.2))  # the lock is really held
     assert not (root / "bars").exists()
 

@@ -27,7 +27,7 @@ import fintensor as ft
 from fintensor import symbols
 from fintensor.cli import main
 from fintensor.errors import BadInputError, FintensorError
-from fintensor.store import Store
+from fintensor.store import Store, manifest_bytes
 
 PACKAGE = Path(ft.__file__).resolve().parent
 AAPL = "us_daily/sp500_5yr_yahoo/AAPL_data.csv"
@@ -233,7 +233,7 @@ def test_a_store_part_with_a_pickled_extension_type_is_never_unpickled(tmp_path,
     (pdir / part["file"]).write_bytes(data)
     part.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     manifest["checksum"] = hashlib.sha256(part["sha256"].encode()).hexdigest()
-    (pdir / "_manifest.json").write_text(json.dumps(manifest))
+    (pdir / "_manifest.json").write_bytes(manifest_bytes(manifest))  # re-sealed: the manifest vouches for it
 
     got = store.read("AAPL", as_pandas=True)
     assert len(got) == 40 and got["close"].dtype == np.float64

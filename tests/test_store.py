@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fintensor.errors import BadInputError, ConflictError, MissingDataError, StoreCorruptError
+from fintensor.errors import BadInputError, ConflictError, MissingDataError, StoreBusyError, StoreCorruptError
+from fintensor.schema import DISK_SCHEMAS
 from fintensor.store import DAILY_SCHEMA, MAX_PARTS, SCHEMAS, Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -378,7 +379,7 @@ def test_readme_query_snippets_run(mixed_store, monkeypatch):
 
 
 def test_readme_schemas_match_the_code():
-    """Each schema table in the README lists exactly the columns and Arrow types of store.py."""
+    """Each schema table in the README lists exactly the columns and Arrow types of the store's parts."""
     documented: dict[str, list] = {}
     kind = None
     for line in _readme_store_section().splitlines():
@@ -389,7 +390,7 @@ def test_readme_schemas_match_the_code():
         m = re.match(r"\| `([a-z_]+)` \| `([^`]+)` \|", line)
         if m and kind:
             documented[kind].append((m.group(1), m.group(2)))
-    assert documented == {k: [(f.name, str(f.type)) for f in s] for k, s in SCHEMAS.items()}
+    assert documented == {k: [(f.name, str(f.type)) for f in s] for k, s in DISK_SCHEMAS.items()}
 
 
 # ----------------------------------------------------------------------------- corruption, verify
@@ -663,6 +664,6 @@ def test_lock_timeout_is_a_clear_error(store, shared_data):
     store.write_bars("AAPL", sp500(shared_data, "AAPL", rows=3), source="yahoo")
     other = Store(store.root, lock_timeout=0.2)
     with store.lock():
-        with pytest.raises(StoreCorruptError, match="locked by another fintensor process; waited 0 s"):
+        with pytest.raises(StoreBusyError, match="locked by another fintensor process; waited 0 s"):
             other.write_bars("AAPL", sp500(shared_data, "AAPL", rows=5), source="yahoo")
     assert other.write_bars("AAPL", sp500(shared_data, "AAPL", rows=5), source="yahoo").added == 2
