@@ -23,7 +23,8 @@ from . import calendars as _calendars
 from . import checks
 from . import symbols as _symbols
 from .errors import BadInputError, FintensorError, MissingDataError
-from .store import DAILY_SCHEMA, Store, interval_kind, parse_interval
+from .schema import ADJUSTABLE_PRICE_FIELDS, DAILY_SCHEMA, interval_kind, parse_interval
+from .store import Store
 from .tensor import StockTensor, load
 
 #: Bumped whenever a build's output for the same inputs changes (old cache entries then miss).
@@ -38,7 +39,6 @@ LABELS = ("start", "end")
 class BuildWarning(UserWarning):
     """A build kept less than it was asked for: rows dropped (and why), or nothing observed at all."""
 DAILY_FIELDS = tuple(n for n in DAILY_SCHEMA.names if n != "date")
-PRICE_FIELDS = ("open", "high", "low", "close", "pre_close")  # scaled by the price adjustment
 FLOW_FIELDS = ("volume", "amount", "turnover")                 # 0 on a filled (not traded) day
 TICK_FIELDS = ("price", "volume", "amount", "open", "high", "low", "close", "trades")
 #: Exchanges with call auctions and late-stamped prints: out-of-session records fold into the nearest
@@ -405,7 +405,7 @@ def _symbol_columns(store: Store, sym: str, manifest: dict, days: np.ndarray, fi
     time axis, and the account of its stored rows: kept, outside the range, dropped (with the reason)."""
     stored = manifest["adjustment"]
     want = stored if adjust == "as_stored" else adjust
-    convert = stored != want and any(f in PRICE_FIELDS or f == "volume" for f in fields)
+    convert = stored != want and any(f in ADJUSTABLE_PRICE_FIELDS or f == "volume" for f in fields)
     need = set(fields) | {"trade_status"}
     if convert:
         need |= {"close", "adj_close", "split", "dividend"}
@@ -426,7 +426,7 @@ def _symbol_columns(store: Store, sym: str, manifest: dict, days: np.ndarray, fi
     if convert and table.num_rows:
         price_factor, volume_factor, how = _adjustment(sym, stored, want, cols, fields)
         for f in fields:
-            if f in PRICE_FIELDS and price_factor is not None:
+            if f in ADJUSTABLE_PRICE_FIELDS and price_factor is not None:
                 cols[f] = cols[f] * price_factor
             elif f == "volume" and volume_factor is not None:
                 cols[f] = cols[f] * volume_factor
@@ -476,7 +476,7 @@ def _adjustment(sym: str, stored: str, want: str, cols: dict, fields: list[str])
         [" with adj_close" if has_adj else "", " with split events" if has_split else "",
          " with dividend events" if has_div else ""])
     wants_volume = "volume" in fields
-    wants_price = any(f in PRICE_FIELDS for f in fields)
+    wants_price = any(f in ADJUSTABLE_PRICE_FIELDS for f in fields)
 
     def impossible(need: str):
         return BadInputError(f"{sym}: the store holds {holds}; adjust={want!r} needs {need}. Build with "
@@ -539,7 +539,7 @@ def _ffill(values: np.ndarray, observed: np.ndarray, fields: list[str], day_ints
     for f, name in enumerate(fields):
         if name in FLOW_FIELDS:
             values[ti, ni, f] = 0.0
-        elif name in PRICE_FIELDS or name == "adj_close":
+        elif name in ADJUSTABLE_PRICE_FIELDS or name == "adj_close":
             values[ti, ni, f] = values[src, ni, f]
 
 

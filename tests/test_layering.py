@@ -19,7 +19,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("checks", "fileio", "schema", "symbols"),
     ("calendars",),
     ("tensor",),
-    ("store", "store_verify"),
+    ("store_rows", "store_checks", "store_verify"),
+    ("store",),
     ("sources", "sources."),
     ("builder", "recipes"),
     ("rolling", "rolling."),
@@ -55,10 +56,17 @@ def modules() -> dict[str, Path]:
 
 
 def imports(module: str, path: Path) -> set[str]:
-    """The package modules ``module`` imports anywhere in its file (relative or absolute)."""
+    """The package modules ``module`` imports anywhere in its file (relative or absolute), except under
+    ``if TYPE_CHECKING:``."""
     package = module.split(".")[:-1] if path.name != "__init__.py" else module.split(".")
+    tree = ast.parse(path.read_text())
+    type_only = {id(n) for node in ast.walk(tree)  # `if TYPE_CHECKING:` imports are for type checkers only
+                 if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+                 for n in ast.walk(node)}
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - (node.level - 1)]
