@@ -10,6 +10,7 @@ The public API is re-exported here and imported lazily, so ``import fintensor`` 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -37,8 +38,22 @@ _API = {
     "errors": "errors:",
     "FintensorError": "errors:FintensorError",
     "BadInputError": "errors:BadInputError",
+    "BuildWarning": "builder:BuildWarning",
 }
 __all__ = sorted(_API)
+
+if TYPE_CHECKING:  # what IDEs and type checkers see: the real objects and signatures (loaded lazily at run time)
+    from . import calendars, data, errors, features, metrics, models, rolling, symbols
+    from .builder import BuildWarning, build, build_ticks
+    from .config import TrainConfig
+    from .errors import BadInputError, FintensorError
+    from .metrics import evaluate
+    from .sources import synthetic
+    from .sources.files import import_csv
+    from .sources.yahoo import download
+    from .store import Store
+    from .tensor import StockTensor, load
+    from .trainer import predict, train
 
 
 def __getattr__(name: str):

@@ -13,7 +13,6 @@ import math
 import os
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -376,11 +375,6 @@ STAGES: tuple[tuple[str, str, Callable[[_Run], None]], ...] = (
 
 
 # =========================================================================================== figures
-def _observed(t) -> np.ndarray:
-    """Values with NaN where the mask says not observed."""
-    return np.where(t.mask.numpy(), t.numpy(), np.nan)
-
-
 def _currency(symbol: str) -> str:
     """The quote currency a symbol's suffix names (A-shares: CNY), for axis labels."""
     suffix = symbol.rsplit(".", 1)[-1] if "." in symbol else ""
@@ -405,9 +399,9 @@ def _figure_prices(fig, run: _Run) -> None:
     missing = []
     for symbol in run.pair:  # rebased: Moutai trades near 1,000 CNY, Ping An near 10
         s = run.panel.sel(stock=symbol)
-        close, dates = _observed(s.sel(feature="close")), s.coords["time"]
+        close, dates = np.asarray(s.sel(feature="close")), s.coords["time"]
         ax_p.plot(dates, close / close[np.isfinite(close)][0] * 100, lw=1, label=symbol)
-        ax_v.plot(dates, _observed(s.sel(feature="volume")), lw=0.7, label=symbol)
+        ax_v.plot(dates, np.asarray(s.sel(feature="volume")), lw=0.7, label=symbol)
         missing.append(f"{symbol} {_gaps(close)}")
     calendar = run.panel.meta.get("calendar", "exchange")
     ax_p.set(ylabel=f"close ({_adjustment(run)}),\nfirst day = 100",
@@ -419,7 +413,7 @@ def _figure_prices(fig, run: _Run) -> None:
 
 
 def _figure_band(fig, run: _Run) -> None:
-    close, mean, std = (_observed(t) for t in run.band)
+    close, mean, std = (np.asarray(t) for t in run.band)
     dates = run.band[0].coords["time"]
     symbol = run.pair[0]
     ax = fig.subplots()
@@ -514,9 +508,7 @@ def _check(sources: list, epochs, seed) -> list[Path]:
 def _device(device: str) -> torch.device:
     from .trainer import resolve_device
 
-    with warnings.catch_warnings():  # 'auto' on a machine without a GPU: the first line says "device cpu"
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return resolve_device(device)
+    return resolve_device(device)
 
 
 def run(sources: str | os.PathLike | Iterable[str | os.PathLike] | None = None, *,

@@ -100,8 +100,7 @@ def _frame(x, what: str) -> pd.DataFrame:
     if isinstance(x, StockTensor):
         if tuple(x.dims) != ("time", "stock"):
             raise BadInputError(f"{what} must have dims ('time', 'stock'), got {tuple(x.dims)}")
-        values = x.values.detach().cpu().double().numpy().copy()
-        values[~x.mask.detach().cpu().numpy()] = np.nan
+        values = np.asarray(x.to("cpu"), dtype="float64")  # NaN where unobserved
         return pd.DataFrame(values, index=pd.DatetimeIndex(x.coords["time"], name="time"),
                             columns=pd.Index(x.coords["stock"], name="stock"))
     raise BadInputError(f"{what} must be a StockTensor (time, stock) or a DataFrame, got {type(x).__name__}")
