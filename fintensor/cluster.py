@@ -153,7 +153,8 @@ def _run_blocks(ray, blocks: list[list[str]], make_args: Callable[[list[str]], t
                 progress: bool | None, what: str) -> list[dict]:
     """Submit one task per block (retried by Ray up to ``retries`` times when its worker dies), collect
     results in block order; a block that still fails cancels the rest and raises ClusterError."""
-    task = ray.remote(_run_block).options(max_retries=retries, retry_exceptions=False)
+    # a dead worker (killed, out of memory, node lost) or an I/O error is retried; a bug or bad data is not
+    task = ray.remote(_run_block).options(max_retries=retries, retry_exceptions=[OSError])
     fault = os.environ.get(FAULT_ENV) or None
     refs = [task.remote(*make_args(b), fault) for b in blocks]
     index = {r: i for i, r in enumerate(refs)}
@@ -171,10 +172,12 @@ def _run_blocks(ray, blocks: list[list[str]], make_args: Callable[[list[str]], t
                     ray.cancel(r, force=True)
                 cause = getattr(exc, "cause", None) or exc
                 text = str(cause).strip().splitlines()
+                retried = isinstance(cause, (OSError, ray.exceptions.WorkerCrashedError))
+                tries = f" after {retries} retries" if retried else ""
                 raise ClusterError(
-                    f"block {i + 1}/{len(blocks)} of the Ray build ({_symbol_text(blocks[i])}) failed after "
-                    f"{retries} retries: {type(cause).__name__}: {text[0] if text else ''}; nothing was "
-                    "cached: fix the cause (or build those symbols alone to see it) and rerun") from None
+                    f"block {i + 1}/{len(blocks)} of the Ray build ({_symbol_text(blocks[i])}) failed{tries}: "
+                    f"{type(cause).__name__}: {text[0] if text else ''}; nothing was cached: fix the cause "
+                    "(or build those symbols alone to see it) and rerun") from None
             if bar is not None:
                 bar.advance(bar.task_ids[0])
     finally:

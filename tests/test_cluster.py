@@ -20,6 +20,7 @@ from fintensor.tensor import StockTensor
 from fintensor.trainer import read_checkpoint
 
 OHLCV = ["open", "high", "low", "close", "volume"]
+pytestmark = pytest.mark.xdist_group("ray")  # with --dist loadgroup: one xdist worker, one Ray cluster
 
 
 @pytest.fixture(scope="session")
@@ -120,6 +121,7 @@ def test_a_block_that_always_fails_names_its_symbols_and_caches_nothing(ray_clus
         cluster.build(**build_args(m, store, store=str(tmp_path / "s")), block_size=4, retries=1)
     message = str(err.value)
     assert "block 3/4" in message and ", ".join(m.symbols[8:12]) in message and cause in message
+    assert ("after 1 retries" in message) == (fault == "crash")  # a dead worker is retried, a bug is not
     assert "\n" not in message and err.value.exit_code == 1
     assert store_digest(tmp_path / "s") == before  # no tensor cache entry, nothing else written
 
