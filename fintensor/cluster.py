@@ -27,7 +27,7 @@ from . import builder as _builder
 from . import calendars as _calendars
 from . import checks
 from .errors import BadInputError, FintensorError
-from .store import Store
+from .store import Store, parse_interval
 from .tensor import StockTensor
 
 __all__ = ["ClusterError", "connect", "plan_blocks", "build", "features", "train", "INSTALL_HINT"]
@@ -287,7 +287,7 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
     tensor under the same key as ``ft.build`` (blocks are never cached).
     """
     _check_common(block_size, retries, progress)
-    if str(interval).lower() != "1d":
+    if parse_interval(interval) != "1d":
         raise BadInputError(f"engine='ray' builds daily bars; build interval {interval!r} without engine='ray'")
     plan = _daily_plan(symbols, start, end, fields, store, calendar, adjust, fill, dtype)
 
@@ -327,7 +327,7 @@ def features(source: StockTensor | Mapping[str, Any], spec: str | Iterable | Map
             raise BadInputError(f"features(source=dict) takes ft.build's arguments (symbols, start, end, fields, "
                                 f"store, calendar, adjust, fill, dtype); got {sorted(args)}")
         args.pop("cache", None)
-        if str(args.pop("interval", "1d")).lower() != "1d":
+        if parse_interval(args.pop("interval", "1d")) != "1d":
             raise BadInputError("engine='ray' builds daily bars; compute intraday features without engine='ray'")
         plan = _daily_plan(args.pop("symbols"), args.pop("start"), args.pop("end"),
                            args.pop("fields", ("close",)), args.pop("store", None), args.pop("calendar", None),
