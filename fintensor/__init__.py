@@ -35,6 +35,7 @@ _API = {
     "evaluate": "metrics:evaluate",
     "symbols": "symbols:",
     "calendars": "calendars:",
+    "cluster": "cluster:",
     "errors": "errors:",
     "FintensorError": "errors:FintensorError",
     "BadInputError": "errors:BadInputError",
@@ -43,7 +44,7 @@ _API = {
 __all__ = sorted(_API)
 
 if TYPE_CHECKING:  # what IDEs and type checkers see: the real objects and signatures (loaded lazily at run time)
-    from . import calendars, data, errors, features, metrics, models, rolling, symbols
+    from . import calendars, cluster, data, errors, features, metrics, models, rolling, symbols
     from .builder import BuildWarning, build, build_ticks
     from .config import TrainConfig
     from .errors import BadInputError, FintensorError

@@ -510,6 +510,9 @@ def add_train(sub, common):
     p.add_argument("--epochs", type=int, default=20, help="(default 20)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0, help="(default 0; a CPU run is bit-reproducible)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="train under Ray Train (DDP): a local cluster, or ADDRESS ('auto': the running one)")
+    p.add_argument("--ray-workers", type=int, default=2, metavar="N", help="Ray Train worker processes (2)")
     g = p.add_argument_group("segments (inclusive dates; default --split 0.6 0.2 0.2)")
     for name in ("train", "valid", "test"):
         g.add_argument(f"--{name}", nargs=2, metavar=("START", "END"))
@@ -576,6 +579,8 @@ def cmd_train(args) -> int:
         raise BadInputError(str(exc).replace(flag, "--" + flag.replace("_", "-"), 1)
                             if flag in options else str(exc)) from None
     features, labels = _training_inputs(args, args.features)
+    if args.ray is not None:
+        return _train_on_ray(args, features, labels, config)
     result = train(features, labels, config)
     if master:
         payload = {"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
@@ -584,6 +589,24 @@ def cmd_train(args) -> int:
                  for seg, m in result.metrics.items()]
         _emit(args, payload, "\n".join([f"best epoch {result.best_epoch} of {len(result.history)}", *lines,
                                         f"checkpoint: {result.checkpoint}"]))
+    return EXIT_OK
+
+
+def _train_on_ray(args, features, labels, config) -> int:
+    """`train --ray`: the same training function in Ray Train's TorchTrainer (fintensor.cluster.train)."""
+    from . import checks
+    from .cluster import train as train_on_ray
+
+    workers = checks.positive_int("--ray-workers", args.ray_workers)
+    checkpoint = train_on_ray(features, labels, config, num_workers=workers,
+                              use_gpu=str(args.device).startswith("cuda"),
+                              address=None if args.ray == "local" else args.ray)
+    info = checkpoint.info
+    state, history = info.get("state") or {}, info.get("history") or []
+    payload = {"checkpoint": str(checkpoint.path), "best_epoch": state.get("best_epoch"), "epochs": len(history),
+               "world_size": info.get("world_size"), "history": history}
+    _emit(args, payload, f"Ray Train, {info.get('world_size')} workers: best epoch {state.get('best_epoch')} of "
+                         f"{len(history)}\ncheckpoint: {checkpoint.path}")
     return EXIT_OK
 
 

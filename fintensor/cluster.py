@@ -380,9 +380,10 @@ def train(features, labels, config=None, *, num_workers: int = 2, use_gpu: bool 
     """
     checks.positive_int("num_workers", num_workers)
     checks.boolean("use_gpu", use_gpu)
-    from .trainer import _config, read_checkpoint
+    from .config import make_config
+    from .trainer import read_checkpoint
 
-    cfg = _config(config, options)  # bad options are refused here, before any cluster starts
+    cfg = make_config(config, options)  # bad options are refused here, before any cluster starts
     if cfg.out is None:
         cfg.out = tempfile.mkdtemp(prefix="fintensor-ray-train-")
     connect(address, num_cpus=num_cpus)

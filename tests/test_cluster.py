@@ -181,3 +181,26 @@ def test_ray_train_launcher_equals_one_process_with_the_same_global_batch(ray_cl
     for x, y in zip(a.info["history"], ray_ckpt.info["history"], strict=True):
         assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
         assert y["valid_ic"] == pytest.approx(x["valid_ic"], abs=1e-5)
+
+
+def test_cli_train_ray_runs_the_same_training_under_ray_train(ray_cluster, tmp_path, monkeypatch, capsys):
+    """`fintensor train DATA --ray` (in-process: it joins this session's cluster) writes the same checkpoint
+    as `fintensor train DATA` at the same global batch."""
+    from fintensor import cli
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    m = ft.synthetic.market(n_stocks=20, n_days=120, seed=3, signal=1.0)
+    close = np.where(m.status == 1, m.close, np.nan)
+    X = StockTensor(torch.tensor(close[:, :, None], dtype=torch.float32), ("time", "stock", "feature"),
+                    {"time": m.dates, "stock": m.symbols, "feature": ["close"]})
+    data = X.save(tmp_path / "panel.safetensors")
+    common = [str(data), "--features", "none", "--model", "linear", "--epochs", "2", "--batch-size", "64",
+              "--lookback", "5", "--device", "cpu", "--quiet"]
+    assert cli.main(["train", *common, "--out", str(tmp_path / "one")]) == 0
+    assert cli.main(["train", *common, "--out", str(tmp_path / "ray"), "--ray", "--ray-workers", "2"]) == 0
+    a, b = read_checkpoint(tmp_path / "one"), read_checkpoint(tmp_path / "ray")
+    assert (a.info["world_size"], b.info["world_size"]) == (1, 2)
+    for name, value in a.group("model").items():
+        torch.testing.assert_close(b.group("model")[name], value, rtol=1e-5, atol=1e-6)
+    assert cli.main(["train", *common, "--out", str(tmp_path / "bad"), "--ray", "--ray-workers", "0"]) == 2
+    assert "--ray-workers must be" in capsys.readouterr().err
