@@ -14,6 +14,7 @@ import gzip
 import io
 import os
 import re
+import stat
 import zlib
 import zipfile
 from pathlib import Path
@@ -25,11 +26,14 @@ import pyarrow as pa
 
 from .. import symbols as _symbols
 from ..calendars import parse_date
-from ..errors import BadInputError
+from .. import checks
+from ..errors import BadInputError, FintensorError
+from ..fileio import read_regular_file
 from ..store import (DAILY_SCHEMA, NONNEGATIVE, SCHEMAS, Store, WriteResult, conform,
                      interval_kind, parse_interval)
 
 MAX_LINE_BYTES = 1 << 16
+_DATA_NAME = re.compile(r"(?i)\.(csv|txt|tsv|dat)(\.gz)?$|\.(gz|zip)$")
 PRICE_FIELDS = ("open", "high", "low", "close", "adj_close", "pre_close", "dividend", "price", "bid", "ask")
 VOLUME_FIELDS = ("volume", "bid_size", "ask_size")
 _TEXT_FIELDS = ("date", "time", "datetime", "symbol")  # read as text; every other column as numbers
@@ -146,12 +150,31 @@ class SymbolResult:
                 f"{self.unchanged} unchanged ({self.format}, {adj}, from {files})")
 
 
+class SkippedFilesError(FintensorError):
+    """Some files of a folder or pattern were skipped: the rest was imported (exit 1)."""
+
+    exit_code = 1
+
+
 @dataclasses.dataclass
 class ImportReport:
-    """Per-symbol results of ``import_csv``; ``str()`` gives one line per symbol."""
+    """Per-symbol results of ``import_csv``; ``str()`` gives one line per symbol, then skipped files."""
 
     results: list[SymbolResult]
     store: str = ""
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, why)
+
+    @property
+    def ok(self) -> bool:
+        return not self.skipped
+
+    def raise_for_status(self) -> "ImportReport":
+        """Return self when every file was imported; else raise (exit 1) naming the skipped files."""
+        if self.skipped:
+            raise SkippedFilesError(f"{len(self.skipped)} file(s) skipped, the rest imported: "
+                               + "; ".join(f"{f} ({why})" for f, why in self.skipped[:5])
+                               + ("; ..." if len(self.skipped) > 5 else ""))
+        return self
 
     @property
     def symbols(self) -> list[str]:
@@ -173,10 +196,12 @@ class ImportReport:
         return _symbols.lookup(self.results, symbol)
 
     def __str__(self) -> str:
-        return "\n".join([str(r) for r in self.results] + [f"warning: {w}" for w in self.warnings])
+        return "\n".join([str(r) for r in self.results] + [f"warning: {w}" for w in self.warnings]
+                         + [f"skipped: {f}: {why}" for f, why in self.skipped])
 
     def to_dict(self) -> dict:
-        return {"store": self.store, "results": [dataclasses.asdict(r) for r in self.results]}
+        return {"store": self.store, "results": [dataclasses.asdict(r) for r in self.results],
+                "skipped": [{"file": f, "reason": why} for f, why in self.skipped]}
 
 
 # --------------------------------------------------------------------------------------------- API
@@ -185,7 +210,7 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
                format: str | None = None, timezone: str | None = None, volume_unit: str | float | None = None,
                price_scale: float | None = None, amount_unit: str | float | None = None,
                adjustment: str | None = None, adjusted_as_of: str | None = None, source: str | None = None,
-               field: str = "close", on_conflict: str = "error") -> ImportReport:
+               field: str = "close", on_conflict: str = "error", recursive: bool = True) -> ImportReport:
     """Import bar or tick files (CSV, .gz, .zip with one CSV) into the store; returns an ImportReport.
 
     paths: files, directories or glob patterns. layout: "auto", "long" (a symbol column), "wide" (one
@@ -194,16 +219,35 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
     auto-detection. volume_unit: "shares", "lots" (100 shares) or shares per unit. price_scale: prices
     are divided by it. amount_unit: "currency", "thousands" or currency units per unit. adjustment:
     "raw", "split" or "full" (of the OHLC columns). on_conflict: "error", "keep" or "overwrite".
+    recursive: read sub-folders of a directory. A file found in a folder or by a pattern that cannot be
+    read is skipped and listed in ``report.skipped`` (``raise_for_status()`` raises then); a file named
+    outright must import.
     """
+    recursive = checks.boolean("recursive", recursive)
     opts = _Options.make(symbol=symbol, layout=layout, kind=kind, interval=interval, format=format,
                          timezone=timezone, volume_unit=volume_unit, price_scale=price_scale,
                          amount_unit=amount_unit, adjustment=adjustment, adjusted_as_of=adjusted_as_of,
                          source=source, field=field, on_conflict=on_conflict)
     st = store if isinstance(store, Store) else Store(store)
-    pieces = [piece for path in _expand(paths) for piece in _parse_file(path, opts)]
+    files = _expand(paths, recursive)
+    pieces, skipped = [], []
+    for path, named in files:
+        if not named and not _DATA_NAME.search(path.name):
+            skipped.append((str(path), "not a data file (import reads .csv/.txt/.tsv/.dat, .gz and .zip)"))
+            continue
+        try:
+            pieces.extend(_parse_file(path, opts))
+        except BadInputError as exc:
+            if named:  # a file the user named is fatal; one found in a folder or by a pattern is reported
+                raise
+            skipped.append((str(path), str(exc).removeprefix(f"{path}: ").removeprefix(str(path))))
+    if not pieces:
+        why = "; ".join(f"{f}: {r}" for f, r in skipped[:3])
+        raise BadInputError(f"none of the {len(files)} files could be imported ({why})")
     jobs = _group(pieces, opts)
     planned = [_store_write(st, job, opts.on_conflict, dry_run=True) for job in jobs]  # all checked before any write
-    return ImportReport([_write(st, job, opts.on_conflict, p) for job, p in zip(jobs, planned)], str(st.root))
+    return ImportReport([_write(st, job, opts.on_conflict, p) for job, p in zip(jobs, planned)], str(st.root),
+                        skipped)
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -283,44 +327,86 @@ def _iso_date(value, what: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- reading
-def _expand(paths) -> list[Path]:
-    """Files named by ``paths`` (files, directories, glob patterns), checked to exist."""
+def _expand(paths, recursive: bool = True) -> list[tuple[Path, bool]]:
+    """(file, named) for the files given by ``paths`` (files, directories, glob patterns), each file once
+    however it is spelled. ``named``: the user named the file itself (a file found in a folder or by a
+    pattern is not named: when it cannot be read it is skipped and reported, not fatal)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    out: list[Path] = []
+    out: dict[str, tuple[Path, bool]] = {}
+
+    def add(path: Path, named: bool) -> None:
+        key = os.path.realpath(path)
+        if key not in out:
+            out[key] = (path, named)
+
+    def folder(path: Path) -> None:
+        walk = path.rglob("*") if recursive else path.iterdir()
+        files = sorted(f for f in walk if f.is_file() and not any(
+            part.startswith(".") for part in f.relative_to(path).parts))
+        if not files:
+            deeper = "" if recursive else " (sub-folders are not read without --recursive)"
+            raise BadInputError(f"{path}: the directory holds no files{deeper}")
+        for f in files:
+            add(f, False)
+
     for p in paths:
         text = os.fspath(p)
         if isinstance(p, str) and any(c in text for c in "*?[") and not Path(text).exists():
             hits = sorted(glob.glob(os.path.expanduser(text)))
             if not hits:
                 raise BadInputError(f"{text}: no file matches this pattern")
-            out.extend(Path(h) for h in hits if Path(h).is_file())
+            for h in map(Path, hits):
+                folder(h) if h.is_dir() else add(h, False) if h.is_file() else None
             continue
         path = Path(text).expanduser()
         if path.is_dir():
-            files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
-            if not files:
-                raise BadInputError(f"{path}: the directory holds no files")
-            out.extend(files)
+            folder(path)
         elif path.is_file():
-            out.append(path)
+            add(path, True)
         else:
-            raise BadInputError(f"{path}: no such file; check the path")
+            raise BadInputError(f"{path}: {_not_a_file(path)}")
     if not out:
         raise BadInputError("no files given: pass one or more CSV files, directories or glob patterns")
-    return out
+    return list(out.values())
+
+
+def _not_a_file(path: Path) -> str:
+    """What is at ``path`` when it is not a regular file or folder, and what to do."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file; check the path"
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror})"
+    what = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return f"is {what}, not a regular file; import reads regular files (save the data to a file first)"
+
+
+#: A compressed file may expand to at most this many bytes, and beyond UNPACKED_FREE bytes to at most
+#: UNPACKED_RATIO times its own size (CSV compresses 3-20x; a "zip bomb" 1000x and more).
+MAX_UNPACKED_BYTES = 4 << 30
+UNPACKED_FREE = 64 << 20
+UNPACKED_RATIO = 200
+_CHUNK = 1 << 20
 
 
 def _load_bytes(path: Path) -> tuple[bytes, str]:
-    """The file's decompressed bytes and the name that describes its content (zip member, .gz stripped)."""
+    """The file's decompressed bytes and the name that describes its content (zip member, .gz stripped).
+
+    Decompression is streamed and stops at the size/ratio limit, so a small bomb is refused in bounded memory.
+    """
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path, "file")
+    except BadInputError:
+        raise BadInputError(f"{path}: {_not_a_file(path)}") from None
     except OSError as exc:
         raise BadInputError(f"{path}: cannot read it ({exc.strerror})") from None
     name = path.name
     if data[:2] == b"\x1f\x8b":
         try:
-            data = gzip.decompress(data)
+            data = _bounded(gzip.GzipFile(fileobj=io.BytesIO(data)), len(data), path)
         except (OSError, EOFError, zlib.error) as exc:
             raise BadInputError(f"{path}: damaged gzip file ({exc})") from None
         name = name[:-3] if name.lower().endswith(".gz") else name
@@ -331,10 +417,32 @@ def _load_bytes(path: Path) -> tuple[bytes, str]:
                 if len(members) != 1:
                     raise BadInputError(f"{path}: the zip holds {len(members)} files; import_csv reads zips with "
                                         "exactly one CSV inside (unzip it and pass the files)")
-                data, name = zf.read(members[0]), Path(members[0].filename).name
+                member = members[0]
+                if member.flag_bits & 0x1:
+                    raise BadInputError(f"{path}: the zip is encrypted (password-protected); unzip it with its "
+                                        "password and import the CSV")
+                with zf.open(member) as fh:
+                    data, name = _bounded(fh, len(data), path), Path(member.filename).name
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
             raise BadInputError(f"{path}: damaged zip file ({exc})") from None
+        except (NotImplementedError, RuntimeError) as exc:  # compression method zipfile lacks; encryption
+            raise BadInputError(f"{path}: unsupported zip ({exc}); re-pack it with plain deflate (zip -r) "
+                                "or unzip it and import the CSV") from None
     return data, name
+
+
+def _bounded(stream, packed: int, path: Path) -> bytes:
+    """Read a decompressing stream in chunks, refusing output past the size/ratio limit."""
+    limit = min(MAX_UNPACKED_BYTES, max(UNPACKED_FREE, UNPACKED_RATIO * packed))
+    chunks, size = [], 0
+    while chunk := stream.read(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise BadInputError(f"{path}: expands to more than {limit:,} bytes from {packed:,} "
+                                f"(over {size // max(packed, 1):,}x); refused as a likely decompression bomb "
+                                "(decompress it yourself if it is real data)")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _read_text(path: Path, data: bytes) -> str:
