@@ -37,7 +37,8 @@ _DATA_NAME = re.compile(r"(?i)\.(csv|txt|tsv|dat)(\.gz)?$|\.(gz|zip)$")
 PRICE_FIELDS = ("open", "high", "low", "close", "adj_close", "pre_close", "dividend", "price", "bid", "ask")
 VOLUME_FIELDS = ("volume", "bid_size", "ask_size")
 _TEXT_FIELDS = ("date", "time", "datetime", "symbol")  # read as text; every other column as numbers
-MISSING = {"", "nan", "NaN", "NAN", "null", "NULL", "None", "NA", "N/A", "n/a", "#N/A"}
+#: Vendors' words for a missing value: FRED writes ".", Bloomberg "#N/A N/A", others "-" or "--".
+MISSING = {"", "nan", "NaN", "NAN", "null", "NULL", "None", "NA", "N/A", "n/a", "#N/A", "#N/A N/A", ".", "-", "--"}
 
 
 # ------------------------------------------------------------------------------------------ presets
@@ -60,7 +61,7 @@ ALIASES = {
     "suspicious": "suspicious",
 }
 #: Known vendor columns the store has no field for: dropped without a warning.
-IGNORED = {"openinterest", "open_interest", "oi", "change", "pct_chg", "pctchg", "isst", "adjustflag",
+IGNORED = {"index", "openinterest", "open_interest", "oi", "change", "pct_chg", "pctchg", "isst", "adjustflag",
            "adj_open", "adj_high", "adj_low", "adj_volume", "ts_date", "exchange", "sale_condition", "condition"}
 
 
@@ -82,6 +83,7 @@ class Preset:
     price_scale: float = 1              # divide prices by this
     amount_unit: float = 1              # currency units per amount unit (thousands: 1000)
     adjustment: str = "raw"             # of the OHLC columns
+    day_order: str | None = None        # "month_first": the vendor writes M/D/YYYY
 
 
 _OHLC = frozenset({"date", "open", "high", "low", "close"})
@@ -102,7 +104,7 @@ PRESETS: tuple[Preset, ...] = (
     # adjusts OHLC for splits and dividends
     Preset("yfinance", _OHLC | {"volume", "dividends", "stock splits"}, adjustment="full"),
     Preset("mplfinance_intraday", header=("date", "open", "close", "high", "low", "volume"),
-           first_row=("date", r".*\d:\d\d"), timezone="America/New_York"),
+           first_row=("date", r".*\d:\d\d"), timezone="America/New_York", day_order="month_first"),
     Preset("backtrader", _OHLC | {"volume", "openinterest"}),
     Preset("lean_daily", columns=("date", "open", "high", "low", "close", "volume"), file_pattern=r"^[a-z0-9.]+\.csv$",
            first_row=("date", r"\d{8} 00:00"), kind="bars", interval="1d", **_LEAN),
@@ -210,7 +212,8 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
                format: str | None = None, timezone: str | None = None, volume_unit: str | float | None = None,
                price_scale: float | None = None, amount_unit: str | float | None = None,
                adjustment: str | None = None, adjusted_as_of: str | None = None, source: str | None = None,
-               field: str = "close", on_conflict: str = "error", recursive: bool = True) -> ImportReport:
+               field: str = "close", on_conflict: str = "error", recursive: bool = True,
+               date_column: str | None = None, date_format: str | None = None) -> ImportReport:
     """Import bar or tick files (CSV, .gz, .zip with one CSV) into the store; returns an ImportReport.
 
     paths: files, directories or glob patterns. layout: "auto", "long" (a symbol column), "wide" (one
@@ -219,6 +222,8 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
     auto-detection. volume_unit: "shares", "lots" (100 shares) or shares per unit. price_scale: prices
     are divided by it. amount_unit: "currency", "thousands" or currency units per unit. adjustment:
     "raw", "split" or "full" (of the OHLC columns). on_conflict: "error", "keep" or "overwrite".
+    date_column: the header name of the date column when it is not one fintensor knows. date_format: a
+    strptime format for every date (e.g. "%d/%m/%Y"): needed when D/M/YYYY vs M/D/YYYY is ambiguous.
     recursive: read sub-folders of a directory. A file found in a folder or by a pattern that cannot be
     read is skipped and listed in ``report.skipped`` (``raise_for_status()`` raises then); a file named
     outright must import.
@@ -227,7 +232,8 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
     opts = _Options.make(symbol=symbol, layout=layout, kind=kind, interval=interval, format=format,
                          timezone=timezone, volume_unit=volume_unit, price_scale=price_scale,
                          amount_unit=amount_unit, adjustment=adjustment, adjusted_as_of=adjusted_as_of,
-                         source=source, field=field, on_conflict=on_conflict)
+                         source=source, field=field, on_conflict=on_conflict, date_column=date_column,
+                         date_format=date_format)
     st = store if isinstance(store, Store) else Store(store)
     files = _expand(paths, recursive)
     pieces, skipped = [], []
@@ -282,10 +288,13 @@ class _Options:
     source: str | None
     field: str
     on_conflict: str
+    date_column: str | None = None
+    date_format: str | None = None
 
     @classmethod
     def make(cls, *, symbol, layout, kind, interval, format, timezone, volume_unit, price_scale, amount_unit,
-             adjustment, adjusted_as_of, source, field, on_conflict) -> "_Options":
+             adjustment, adjusted_as_of, source, field, on_conflict, date_column=None,
+             date_format=None) -> "_Options":
         def choice(name, value, allowed):
             if value not in allowed:
                 raise BadInputError(f"{name} must be one of {', '.join(map(repr, allowed))}, not {value!r}")
@@ -306,6 +315,10 @@ class _Options:
             raise BadInputError(f"field {field!r} is not a bar field; use one of {DAILY_SCHEMA.names[1:-1]}")
         if adjusted_as_of is not None:
             adjusted_as_of = _iso_date(adjusted_as_of, "adjusted_as_of")
+        if date_format is not None and (not isinstance(date_format, str) or "%" not in date_format):
+            raise BadInputError(f"date_format must be a strptime format such as '%d/%m/%Y', not {date_format!r}")
+        if date_column is not None and (not isinstance(date_column, str) or not date_column.strip()):
+            raise BadInputError(f"date_column must be a column name, not {date_column!r}")
         return cls(
             symbol=_symbols.normalize(symbol) if symbol is not None else None,
             alias=symbol.strip() if symbol is not None else None,
@@ -319,6 +332,7 @@ class _Options:
             adjustment=choice("adjustment", adjustment, (None, "raw", "split", "full")),
             adjusted_as_of=adjusted_as_of, source=source, field=field,
             on_conflict=choice("on_conflict", on_conflict, ("error", "keep", "overwrite")),
+            date_column=date_column.strip().lower() if date_column else None, date_format=date_format,
         )
 
 
@@ -497,6 +511,9 @@ def _head(path: Path) -> _Raw:
     if len(rows) < 2:
         raise BadInputError(f"{path}: no data rows (only a header); nothing to import")
     header = [h.strip() for h in first]
+    if header[0] == "" or header[0].lower().startswith("unnamed:"):  # DataFrame.to_csv(): the index column
+        dated = any(ALIASES.get(h.lower()) in ("date", "datetime") for h in header[1:])
+        header[0] = "index" if dated else "date"  # a RangeIndex beside a date column, else the date index
     first = next(csv.reader([rows[1].rstrip("\r")], delimiter=sep))
     if len(first) == len(header) + 1 and header[0].lower() in ("date", "day") and _looks_like_time(first[1]):
         header.insert(1, "time")  # backtrader futures: 7 names over 8 fields "date,time,..."
@@ -587,8 +604,8 @@ def _parse_file(path: Path, opts: _Options) -> list[_Piece]:
     cols, wide, warnings = _columns(raw, preset, opts)
     _read_body(raw, [i for f, i in cols.items() if f in _TEXT_FIELDS])
     where = str(path)
-    cells, lines, spellings = _symbol_spellings(raw, cols, wide, opts, where)
-    stamps, has_time, aware = _timestamps(raw, cells, lines, cols, where)
+    cells, lines, spellings = _symbol_spellings(raw, cols, wide, opts, where, preset)
+    stamps, has_time, aware = _timestamps(raw, cells, lines, cols, where, opts.date_format, preset)
     kind = _kind(opts, preset, has_time, cols, where)
     units, factors = _units(preset, opts)
     values = _store_units({f: _numbers(cells[i], f, lines, where) for f, i in cols.items()
@@ -640,7 +657,8 @@ def _store_units(values: dict, factors: dict) -> dict:
     return values
 
 
-def _symbol_spellings(raw: _Raw, cols: dict, wide: list[int] | None, opts: _Options, where: str):
+def _symbol_spellings(raw: _Raw, cols: dict, wide: list[int] | None, opts: _Options, where: str,
+                      preset: Preset):
     """(cells, lines, each row's symbol as written): from a column, the wide header, the option or file name."""
     cells, lines = raw.cells, raw.lines
     col = cols.pop("symbol", None)
@@ -657,10 +675,11 @@ def _symbol_spellings(raw: _Raw, cols: dict, wide: list[int] | None, opts: _Opti
             raise BadInputError(f"{where}: the file holds {len(found)} symbols ({', '.join(found[:5])}); "
                                 "symbol= is for one-symbol files: leave it out")
         return cells, lines, np.full(len(cells), opts.alias, dtype=object)
-    guess = _symbol_from_name(raw.name) or _symbol_from_name(raw.path.name)
+    lower_ok = preset.name.startswith("lean")  # LEAN names its files in lower case: aapl.csv
+    guess = _symbol_from_name(raw.name, lower_ok) or _symbol_from_name(raw.path.name, lower_ok)
     if guess is None:
-        raise BadInputError(f"{where}: no symbol column and no symbol in the file name; pass symbol= "
-                            "(CLI: --symbol)")
+        raise BadInputError(f"{where}: no symbol column, and the file name does not look like a ticker (AAPL.csv, "
+                            "600519.SS.csv); pass symbol= (CLI: --symbol)")
     return cells, lines, np.full(len(cells), guess, dtype=object)
 
 
@@ -679,8 +698,17 @@ def _columns(raw: _Raw, preset: Preset, opts: _Options) -> tuple[dict, list[int]
     rename = dict(preset.rename)
     cols: dict[str, int] = {}
     unknown = []
+    if opts.date_column is not None and opts.date_column not in names:
+        raise BadInputError(f"{raw.path}: no column named {opts.date_column!r} (date_column=); the header has "
+                            f"{raw.header}")
     for i, name in enumerate(names):
         field = rename.get(name) or ALIASES.get(name) or (name if name in ("ms", "adjustflag") else None)
+        if opts.date_column is not None:
+            if name == opts.date_column:
+                field = "date"
+            elif field in ("date", "datetime", "time"):
+                warnings.append(f"ignored column {raw.header[i]!r}: date_column={opts.date_column!r} holds the dates")
+                continue
         if field is None:
             if name not in IGNORED:
                 unknown.append(i)
@@ -723,7 +751,7 @@ def _melt(raw: _Raw, wide_cols: list[int], cols: dict, field: str):
     return cells[keep].reset_index(drop=True), np.tile(raw.lines, k)[keep], syms[keep]
 
 
-def _symbol_from_name(name: str) -> str | None:
+def _symbol_from_name(name: str, lower_ok: bool = False) -> str | None:
     """The one token of a file name that can be a ticker: 'AAPL_data.csv', 'yahoofinance-AAPL-2004.csv'."""
     stem = re.sub(r"(?i)(\.(csv|txt|tsv|gz|zip))+$", "", name)
     noise = {"data", "daily", "day", "minute", "min", "tick", "ticks", "trade", "quote", "csvdir", "yahoo",
@@ -732,6 +760,10 @@ def _symbol_from_name(name: str) -> str | None:
     tokens = [t for t in re.split(r"[\s_\-]+", stem) if t and not t.isdigit() and t.lower() not in noise]
     if len(tokens) != 1:
         return None
+    # a lower-case ticker only beside a date or year ('nvda-1999-2014.txt') or in LEAN's own names
+    lower_ok = lower_ok or re.search(r"\d{4}", stem) is not None
+    if re.fullmatch(r"[A-Z][a-z]+", tokens[0]) or not lower_ok and not re.search(r"[A-Z0-9^=]", tokens[0]):
+        return None  # 'test', 'prices', 'Apple': words, not tickers
     try:
         _symbols.normalize(tokens[0])
     except BadInputError:
@@ -757,11 +789,15 @@ _TIME_FORMATS = (  # regex of the first value -> strptime formats to try, in ord
     (r"\d{4}-\d{1,2}-\d{1,2}", ("%Y-%m-%d",)),
     (r"\d{4}/\d{1,2}/\d{1,2}", ("%Y/%m/%d",)),
     (r"\d{8}", ("%Y%m%d",)),
+    (r"\d{6}", ("%Y%m",)),                       # monthly: the first of the month
+    (r"[A-Za-z]{3,9}\.? \d{1,2},? \d{4}", ("%b %d %Y", "%B %d %Y", "%b %d, %Y", "%B %d, %Y")),
+    (r"\d{1,2}[ -][A-Za-z]{3}[ -]\d{4}", ("%d %b %Y", "%d-%b-%Y")),
     (r"\d{12}", ("%Y%m%d%H%M",)),
     (r"\d{14}", ("%Y%m%d%H%M%S",)),
     (r"\d{8} \d{1,2}:\d{2}", ("%Y%m%d %H:%M",)),
     (r"\d{8} \d{1,2}:\d{2}:\d{2}", ("%Y%m%d %H:%M:%S",)),
     (r"\d{1,2}/\d{1,2}/\d{4}", ("%m/%d/%Y", "%d/%m/%Y")),
+    (r"\d{1,2}-\d{1,2}-\d{4}", ("%m-%d-%Y", "%d-%m-%Y")),
     (r"\d{1,2}/\d{1,2}/\d{4} \d{1,2}:\d{2}", ("%m/%d/%Y %H:%M", "%d/%m/%Y %H:%M")),
     (r"\d{1,2}/\d{1,2}/\d{4} \d{1,2}:\d{2}:\d{2}", ("%m/%d/%Y %H:%M:%S", "%d/%m/%Y %H:%M:%S")),
     (r"\d{4}-\d{2}-\d{2}[ T]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?", ("ISO8601",)),
@@ -769,7 +805,8 @@ _TIME_FORMATS = (  # regex of the first value -> strptime formats to try, in ord
 _OFFSET = r"(?:Z|[+-]\d{2}:?\d{2})$"
 
 
-def _timestamps(raw: _Raw, cells, lines, cols, where: str) -> tuple[np.ndarray, bool, bool]:
+def _timestamps(raw: _Raw, cells, lines, cols, where: str, date_format: str | None = None,
+                preset: "Preset | None" = None) -> tuple[np.ndarray, bool, bool]:
     """(datetime64[ns] stamps, any time of day, aware) from the time columns; aware stamps are in UTC."""
     if "ms" in cols:
         return _ms_of_day(raw, _numbers(cells[cols["ms"]], "ms", lines, where), lines, where), True, False
@@ -788,7 +825,7 @@ def _timestamps(raw: _Raw, cells, lines, cols, where: str) -> tuple[np.ndarray, 
     aware = bool(has_offset[0])
     if aware and text.str.contains(r"[ T]00:00(?::00(?:\.0+)?)?" + _OFFSET, regex=True).all():
         text, aware = text.str[:10], False  # daily bars stamped at local midnight: the date is the session
-    parsed = _parse_stamps(text, aware, lines, where)
+    parsed = _parse_stamps(text, aware, lines, where, date_format, getattr(preset, "day_order", None))
     stamps = (parsed.dt.tz_convert("UTC").dt.tz_localize(None) if aware else parsed).to_numpy()
     outside = (stamps < np.datetime64("1678-01-01")) | (stamps >= np.datetime64("2262-01-01"))  # int64 ns range
     if outside.any():
@@ -813,10 +850,51 @@ def _ms_of_day(raw: _Raw, ms: np.ndarray, lines, where: str) -> np.ndarray:
     return np.datetime64(pd.Timestamp(m.group(1)).date(), "ns") + ms.astype("int64").astype("timedelta64[ms]")
 
 
-def _parse_stamps(text: pd.Series, aware: bool, lines, where: str) -> pd.Series:
+def _with_format(text: pd.Series, fmt: str, aware: bool, lines, where: str) -> pd.Series:
+    """Every value in the user's ``date_format``; the first that does not fit is named."""
+    parsed = pd.to_datetime(text, format=fmt, errors="coerce", utc=aware)
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise BadInputError(f"{where} line {lines[i]}: cannot read {text.iloc[i]!r} with date_format {fmt!r}")
+    return parsed
+
+
+def _epoch(text: pd.Series) -> pd.Series | None:
+    """Epoch seconds (10 digits) or milliseconds (13 digits), as naive UTC; None when not all are."""
+    for width, unit in ((10, "s"), (13, "ms")):
+        if text.str.fullmatch(r"\d{%d}" % width).all():
+            return pd.to_datetime(text.astype("int64"), unit=unit)
+    return None
+
+
+def _day_or_month_first(text: pd.Series, formats: tuple, preset_format, lines, where: str) -> tuple:
+    """M/D/YYYY or D/M/YYYY: decided by a day above 12 anywhere, else by the preset; else refused."""
+    parts = text.str.extract(r"^(\d{1,2})\D(\d{1,2})\D")
+    parts = parts.dropna().astype(int)
+    if (parts[0] > 12).any():
+        return formats[1:]
+    if (parts[1] > 12).any() or preset_format == "month_first":
+        return formats[:1]
+    sep = text.iloc[0][len(str(parts.iloc[0, 0])) if len(parts) else 1]
+    raise BadInputError(f"{where}: dates such as {text.iloc[0]!r} can be day/month or month/day and no day is "
+                        f"above 12; pass date_format= (CLI: --date-format %d{sep}%m{sep}%Y or %m{sep}%d{sep}%Y)")
+
+
+def _parse_stamps(text: pd.Series, aware: bool, lines, where: str, date_format: str | None = None,
+                  preset_format: str | None = None) -> pd.Series:
     """Parse every value in the format of the first one: a value written otherwise is an error."""
+    if date_format is not None:
+        return _with_format(text, date_format, aware, lines, where)
+    if text.str.fullmatch(r"\d{8}\.0*").all():  # YYYYMMDD written as a float: 19991110.0
+        text = text.str.split(".").str[0]
     first = text.iloc[0]
+    epoch = _epoch(text)
+    if epoch is not None:
+        return epoch
     formats = next((f for rx, f in _TIME_FORMATS if re.fullmatch(rx, first)), None)
+    if formats is not None and len(formats) == 2 and formats[1].startswith("%d"):
+        formats = _day_or_month_first(text, formats, preset_format, lines, where)
     if formats is None:
         raise BadInputError(f"{where} line {lines[0]}: cannot read {first!r} as a date or time; use "
                             "YYYY-MM-DD (daily) or YYYY-MM-DD HH:MM:SS (intraday)")
