@@ -876,7 +876,7 @@ def _day_or_month_first(text: pd.Series, formats: tuple, preset_format, lines, w
         return formats[1:]
     if (parts[1] > 12).any() or preset_format == "month_first":
         return formats[:1]
-    sep = text.iloc[0][len(str(parts.iloc[0, 0])) if len(parts) else 1]
+    sep = re.match(r"\d{1,2}(\D)", text.iloc[0]).group(1)
     raise BadInputError(f"{where}: dates such as {text.iloc[0]!r} can be day/month or month/day and no day is "
                         f"above 12; pass date_format= (CLI: --date-format %d{sep}%m{sep}%Y or %m{sep}%d{sep}%Y)")
 
