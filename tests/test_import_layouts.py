@@ -174,3 +174,38 @@ def test_gz_still_imports(tmp_path, store):
     path.write_bytes(gzip.compress(b"date,close\n2020-01-02,1\n"))
     ft.import_csv(path, store=store)
     assert stored(store, "AAPL") == (["2020-01-02"], [1.0])
+
+
+def test_wide_file_with_bare_a_share_codes(tmp_path, store):
+    path = tmp_path / "closes.csv"
+    path.write_text("date,000001,600519\n2020-01-02,16.87,1130.0\n2020-01-03,17.18,.\n")
+    ft.import_csv(path, store=store)
+    assert stored(store, "000001.SZ") == (["2020-01-02", "2020-01-03"], [16.87, 17.18])
+    assert stored(store, "600519.SS") == (["2020-01-02"], [1130.0])
+
+
+@pytest.mark.parametrize("column", ["vix", "value", "price", "return"])
+def test_single_series_value_column(tmp_path, store, column):
+    path = tmp_path / "series.csv"
+    path.write_text(f"DATE,{column}\n2020-01-02,12.47\n2020-01-03,14.02\n")
+    report = ft.import_csv(path, store=store, symbol="^VIX")
+    assert stored(store, "^VIX") == (["2020-01-02", "2020-01-03"], [12.47, 14.02])
+    assert any(f"single value column {column!r} as 'close'" in w for w in report.warnings)
+    ft.import_csv(path, store=store, symbol="^VIX", field="adj_close", on_conflict="overwrite")
+    assert store.read("^VIX", interval="1d", as_pandas=True)["adj_close"].tolist() == [12.47, 14.02]
+
+
+def test_symbol_minus_one_gets_a_correct_message(tmp_path, store, capsys):
+    path = tmp_path / "AAPL.csv"
+    path.write_text("date,close\n2020-01-02,1\n")
+    with pytest.raises(BadInputError, match=r"symbol '-1' starts with '-'"):
+        ft.import_csv(path, store=store, symbol="-1")
+    assert main(["import", str(path), "--symbol=-1", "--store", str(store.root)]) == 2
+    assert "starts with '-'" in capsys.readouterr().err
+
+
+def test_cli_date_format_option(tmp_path, store):
+    path = tmp_path / "IBM.csv"
+    path.write_text("date,close\n01/02/2020,1\n03/02/2020,2\n")
+    assert main(["import", str(path), "--date-format", "%m/%d/%Y", "--store", str(store.root)]) == 0
+    assert stored(store, "IBM")[0] == ["2020-01-02", "2020-03-02"]

@@ -320,7 +320,7 @@ class _Options:
         if date_column is not None and (not isinstance(date_column, str) or not date_column.strip()):
             raise BadInputError(f"date_column must be a column name, not {date_column!r}")
         return cls(
-            symbol=_symbols.normalize(symbol) if symbol is not None else None,
+            symbol=_normalized_option(symbol) if symbol is not None else None,
             alias=symbol.strip() if symbol is not None else None,
             layout=choice("layout", layout, ("auto", "long", "wide", "file")),
             kind=choice("kind", kind, ("auto", "bars", "ticks")),
@@ -334,6 +334,13 @@ class _Options:
             on_conflict=choice("on_conflict", on_conflict, ("error", "keep", "overwrite")),
             date_column=date_column.strip().lower() if date_column else None, date_format=date_format,
         )
+
+
+def _normalized_option(symbol) -> str:
+    if isinstance(symbol, str) and symbol.strip().startswith("-"):
+        raise BadInputError(f"symbol {symbol.strip()!r} starts with '-'; a symbol starts with a letter, digit or "
+                            "'^' (e.g. AAPL, 600519.SS, ^GSPC)")
+    return _symbols.normalize(symbol)
 
 
 def _iso_date(value, what: str) -> str:
@@ -506,7 +513,9 @@ def _head(path: Path) -> _Raw:
     first_line = rows[0].rstrip("\r")
     sep = max(",\t;|", key=first_line.count)
     first = next(csv.reader([first_line], delimiter=sep))
-    if any(_is_number(f) for f in first):
+    head = first[0].strip().lower()
+    named = head in ALIASES or head == "" or head.startswith("unnamed:")  # 'date,000001,600519' is a header
+    if not named and any(_is_number(f) for f in first):
         return _Raw(path, name, text, sep, None, first)
     if len(rows) < 2:
         raise BadInputError(f"{path}: no data rows (only a header); nothing to import")
@@ -723,6 +732,14 @@ def _columns(raw: _Raw, preset: Preset, opts: _Options) -> tuple[dict, list[int]
         raise BadInputError(f"{raw.path}: no date column (looked for {', '.join(k for k, v in ALIASES.items() if v in ('date', 'datetime'))}); "
                             "rename it or pass format=")
     values = set(cols) - {"date", "time", "datetime", "ms", "symbol", "adjustflag"}
+    series = _single_series(raw, names, cols, values, unknown, opts)
+    if series is not None:  # 'date,vix', 'date,value', 'date,price' (daily): one value column
+        for f in values:
+            cols.pop(f)
+        cols[opts.field] = series
+        warnings.append(f"read the single value column {raw.header[series]!r} as {opts.field!r} "
+                        "(pass field= / --field to store it as another field)")
+        return cols, None, warnings
     wide = opts.layout == "wide" or (opts.layout == "auto" and not values and unknown)
     if wide:
         if values or not unknown:
@@ -739,6 +756,24 @@ def _columns(raw: _Raw, preset: Preset, opts: _Options) -> tuple[dict, list[int]
     return cols, None, warnings
 
 
+#: Names of the one value column of a single-series file (FRED, index levels, returns).
+SERIES_NAMES = {"value", "values", "price", "vix", "return", "returns", "ret", "rate", "level", "yield", "px_last",
+                "last", "nav"}
+
+
+def _single_series(raw: _Raw, names, cols, values, unknown, opts) -> int | None:
+    """The column index of a single-series file's value column, or None for any other layout."""
+    if opts.layout == "wide" or raw.header is None or "symbol" in cols:
+        return None
+    candidates = [i for i in unknown if names[i] in SERIES_NAMES] + [cols[f] for f in values if f == "price"]
+    if len(unknown) + len(values) != 1 or len(candidates) != 1 and not (opts.symbol and len(unknown) == 1):
+        return None
+    date = raw.first[cols.get("date", cols.get("datetime", 0))]
+    if "price" in values and (re.search(r"\d:\d\d", date) or "time" in cols):
+        return None  # a time-stamped price: ticks
+    return candidates[0] if candidates else unknown[0]
+
+
 def _melt(raw: _Raw, wide_cols: list[int], cols: dict, field: str):
     """Wide -> long: one row per (row, symbol column), the value in a new column mapped to ``field``."""
     n, k = len(raw.cells), len(wide_cols)
@@ -746,9 +781,20 @@ def _melt(raw: _Raw, wide_cols: list[int], cols: dict, field: str):
     value_col = raw.cells.shape[1]
     cells[value_col] = np.concatenate([raw.cells[i].to_numpy() for i in wide_cols])
     cols[field] = value_col
-    syms = np.repeat(np.array([raw.header[i] for i in wide_cols], dtype=object), n)
+    syms = np.repeat(np.array([_a_share(raw.header[i]) for i in wide_cols], dtype=object), n)
     keep = cells[value_col].notna().to_numpy()
     return cells[keep].reset_index(drop=True), np.tile(raw.lines, k)[keep], syms[keep]
+
+
+def _a_share(name: str) -> str:
+    """A bare A-share code as a wide file's column name -> its Yahoo symbol by the exchange's code ranges
+    (6xxxxx Shanghai .SS; 0xxxxx, 3xxxxx Shenzhen .SZ); any other name unchanged."""
+    name = name.strip()
+    if re.fullmatch(r"6\d{5}", name):
+        return name + ".SS"
+    if re.fullmatch(r"[03]\d{5}", name):
+        return name + ".SZ"
+    return name
 
 
 def _symbol_from_name(name: str, lower_ok: bool = False) -> str | None:
@@ -772,6 +818,9 @@ def _symbol_from_name(name: str, lower_ok: bool = False) -> str | None:
 
 
 def _checked_symbol(spelling, where: str, line: int) -> str:
+    if str(spelling).strip().startswith("-"):
+        raise BadInputError(f"{where} line {line}: symbol {str(spelling).strip()!r} starts with '-'; a symbol starts "
+                            "with a letter, digit or '^' (e.g. AAPL, 600519.SS, ^GSPC)")
     try:
         return _symbols.normalize(str(spelling))
     except BadInputError as exc:
