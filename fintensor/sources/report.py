@@ -1,0 +1,95 @@
+"""What an import did: per symbol and interval rows read, added, updated, unchanged; warnings; skipped files."""
+from __future__ import annotations
+
+import dataclasses
+
+from .. import symbols as _symbols
+from ..errors import FintensorError
+
+@dataclasses.dataclass
+class SymbolResult:
+    """What the import did for one symbol and interval (ticks: summed over their dates)."""
+
+    symbol: str
+    interval: str               # "1d", "1m", ... or "tick"
+    rows: int                   # rows read from the files (after exact duplicates were dropped)
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    partitions: list[str] = dataclasses.field(default_factory=list)
+    files: list[str] = dataclasses.field(default_factory=list)
+    format: str = ""
+    adjustment: str = "raw"
+    adjusted_as_of: str | None = None
+    units: dict = dataclasses.field(default_factory=dict)
+    alias: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def partition(self) -> str:
+        return self.partitions[0] if len(self.partitions) == 1 else f"{len(self.partitions)} partitions"
+
+    def __str__(self) -> str:
+        adj = self.adjustment + (f" as of {self.adjusted_as_of}" if self.adjusted_as_of else "")
+        files = self.files[0] if len(self.files) == 1 else f"{len(self.files)} files"
+        return (f"{self.symbol} {self.interval}: {self.rows} rows, {self.added} added, {self.updated} updated, "
+                f"{self.unchanged} unchanged ({self.format}, {adj}, from {files})")
+
+
+class SkippedFilesError(FintensorError):
+    """Some files of a folder or pattern were skipped: the rest was imported (exit 1)."""
+
+    exit_code = 1
+
+
+@dataclasses.dataclass
+class ImportReport:
+    """Per-symbol results of ``import_csv``; ``str()`` gives one line per symbol, then skipped files."""
+
+    results: list[SymbolResult]
+    store: str = ""
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, why)
+
+    @property
+    def ok(self) -> bool:
+        return not self.skipped
+
+    def raise_for_status(self) -> "ImportReport":
+        """Return self when every file was imported; else raise (exit 1) naming the skipped files."""
+        if self.skipped:
+            raise SkippedFilesError(f"{len(self.skipped)} file(s) skipped, the rest imported: "
+                               + "; ".join(f"{f} ({why})" for f, why in self.skipped[:5])
+                               + ("; ..." if len(self.skipped) > 5 else ""))
+        return self
+
+    @property
+    def symbols(self) -> list[str]:
+        return list(dict.fromkeys(r.symbol for r in self.results))
+
+    @property
+    def added(self) -> int:
+        return sum(r.added for r in self.results)
+
+    @property
+    def updated(self) -> int:
+        return sum(r.updated for r in self.results)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"{r.symbol}: {w}" for r in self.results for w in r.warnings]
+
+    def __getitem__(self, symbol: str) -> SymbolResult:
+        return _symbols.lookup(self.results, symbol)
+
+    def __str__(self) -> str:
+        return "\n".join([str(r) for r in self.results] + [f"warning: {w}" for w in self.warnings]
+                         + [f"skipped: {f}: {why}" for f, why in self.skipped])
+
+    def to_dict(self) -> dict:
+        return {"store": self.store, "results": [dataclasses.asdict(r) for r in self.results],
+                "skipped": [{"file": f, "reason": why} for f, why in self.skipped]}
+
+
+
+#: The one report type of file imports (``ft.import_csv``).
+IngestReport = ImportReport
