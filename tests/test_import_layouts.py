@@ -209,3 +209,19 @@ def test_cli_date_format_option(tmp_path, store):
     path.write_text("date,close\n01/02/2020,1\n03/02/2020,2\n")
     assert main(["import", str(path), "--date-format", "%m/%d/%Y", "--store", str(store.root)]) == 0
     assert stored(store, "IBM")[0] == ["2020-01-02", "2020-03-02"]
+
+
+def test_every_row_is_accounted_for(tmp_path, store):
+    path = tmp_path / "AAPL.csv"  # 6 rows: one empty, one exact duplicate, 4 stored
+    path.write_text("date,open,close\n2020-01-02,1,1.5\n2020-01-03,.,.\n2020-01-06,2,2.5\n"
+                    "2020-01-06,2,2.5\n2020-01-07,3,3.5\n2020-01-08,4,4.5\n")
+    other = tmp_path / "more" / "AAPL.csv"  # the same symbol again: 1 row repeated, 1 new
+    other.parent.mkdir()
+    other.write_text("date,open,close\n2020-01-08,4,4.5\n2020-01-09,5,5.5\n")
+    result = ft.import_csv([path, other], store=store)["AAPL"]
+    assert result.read == 8
+    assert result.dropped == {"no values": 1, "exact duplicate": 1, "same row in another file": 1}
+    assert result.rows == result.added == 5 == result.read - sum(result.dropped.values())
+    assert len(store.read("AAPL", interval="1d", as_pandas=True)) == 5
+    assert "5 rows, 5 added, 0 updated, 0 unchanged; 8 read, 1 dropped (no values), 1 dropped (exact duplicate)" \
+        in str(result)

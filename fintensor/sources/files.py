@@ -192,6 +192,8 @@ class _Piece:
     timezone: str | None
     units: dict
     warnings: list[str]
+    read: int = 0             # rows of the file for this symbol
+    dropped: dict = dataclasses.field(default_factory=dict)  # why -> rows not kept
 
 
 def _parse_file(path: Path, opts: _Options) -> list[_Piece]:
@@ -212,6 +214,8 @@ def _parse_file(path: Path, opts: _Options) -> list[_Piece]:
     for drop, why in ((suspicious, "record(s) flagged suspicious"), (empty & ~suspicious, "row(s) without values")):
         if drop.any():  # LEAN leaves suspicious ticks out of its own bars too; Yahoo writes 'null' rows
             warnings.append(f"dropped {int(drop.sum())} {why}")
+    read_spellings = spellings
+    drop_reasons = {"flagged suspicious": suspicious, "no values": empty & ~suspicious}
     if (suspicious | empty).any():
         keep = ~(suspicious | empty)
         lines, spellings, stamps = lines[keep], spellings[keep], stamps[keep]
@@ -232,10 +236,14 @@ def _parse_file(path: Path, opts: _Options) -> list[_Piece]:
         frame = _schema_columns(frame, kind, warnings)
         _check_values(frame, lines[sel], where)
         frame, frame_lines = _dedupe(frame, kind, lines[sel], where)
+        mine = read_spellings == spelling
+        dropped = {why: int((drop & mine).sum()) for why, drop in drop_reasons.items() if (drop & mine).any()}
+        if len(frame_lines) < int(sel.sum()):
+            dropped["exact duplicate"] = int(sel.sum()) - len(frame_lines)
         as_of = opts.adjusted_as_of or (last if as_of_last else None)
         alias = None if str(spelling).upper() == sym else str(spelling)
         pieces.append(_Piece(sym, alias, kind, interval, frame, frame_lines, path, preset, adjustment, as_of, tz,
-                             units, list(warnings)))
+                             units, list(warnings), int(mine.sum()), dropped))
     return pieces
 
 
@@ -770,6 +778,9 @@ def _group(pieces: list[_Piece], opts: _Options) -> list[_Job]:
             frame = {n: np.concatenate([p.frame.get(n, np.full(len(p.lines), np.nan)) for p in group]) for n in names}
             frame, _ = _dedupe(frame, first.kind, np.concatenate([p.lines for p in group]),
                                f"{sym} ({len(group)} files)")
+            across = sum(len(p.lines) for p in group) - len(frame[next(iter(frame))])
+            if across:
+                group[0].dropped["same row in another file"] = across
         label = f"{first.path}" if len(group) == 1 else f"{sym} from {len(group)} files"
         table = conform(_to_arrow(frame, first.kind), first.kind, label)
         presets = list(dict.fromkeys(p.preset.name for p in group))
@@ -817,9 +828,18 @@ def _write(store: Store, job: _Job, on_conflict: str, planned: list[WriteResult]
         results = _store_write(store, job, on_conflict, dry_run=False)
     warnings = list(dict.fromkeys(w for p in job.pieces for w in p.warnings))
     return SymbolResult(
-        symbol=job.symbol, interval=job.interval, rows=job.table.num_rows,
+        symbol=job.symbol, interval=job.interval, rows=job.table.num_rows, read=sum(p.read for p in job.pieces),
+        dropped=_sum_counts(p.dropped for p in job.pieces),
         added=sum(r.added for r in results), updated=sum(r.updated for r in results),
         unchanged=sum(r.unchanged for r in results),
         partitions=[r.partition for r in results], files=[str(p.path) for p in job.pieces],
         format="+".join(dict.fromkeys(p.preset.name for p in job.pieces)), adjustment=first.adjustment,
         adjusted_as_of=job.adjusted_as_of, units=first.units, alias=alias, warnings=warnings)
+
+
+def _sum_counts(counts) -> dict:
+    total: dict[str, int] = {}
+    for c in counts:
+        for why, n in c.items():
+            total[why] = total.get(why, 0) + n
+    return total

@@ -6,13 +6,14 @@ import dataclasses
 from .. import symbols as _symbols
 from ..errors import FintensorError
 
+
 @dataclasses.dataclass
 class SymbolResult:
     """What the import did for one symbol and interval (ticks: summed over their dates)."""
 
     symbol: str
     interval: str               # "1d", "1m", ... or "tick"
-    rows: int                   # rows read from the files (after exact duplicates were dropped)
+    rows: int                   # rows sent to the store: read - dropped = added + updated + unchanged
     added: int = 0
     updated: int = 0
     unchanged: int = 0
@@ -24,6 +25,13 @@ class SymbolResult:
     units: dict = dataclasses.field(default_factory=dict)
     alias: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
+    read: int = 0               # data rows of the files for this symbol
+    dropped: dict = dataclasses.field(default_factory=dict)  # why -> rows not stored (duplicates, empty, ...)
+
+    @property
+    def status(self) -> str:
+        """added / updated / unchanged: what the import did to the store for this symbol."""
+        return "added" if self.added else "updated" if self.updated else "unchanged"
 
     @property
     def partition(self) -> str:
@@ -32,8 +40,10 @@ class SymbolResult:
     def __str__(self) -> str:
         adj = self.adjustment + (f" as of {self.adjusted_as_of}" if self.adjusted_as_of else "")
         files = self.files[0] if len(self.files) == 1 else f"{len(self.files)} files"
+        dropped = "".join(f", {n} dropped ({why})" for why, n in self.dropped.items())
+        read = f"; {self.read} read{dropped}" if self.dropped else ""
         return (f"{self.symbol} {self.interval}: {self.rows} rows, {self.added} added, {self.updated} updated, "
-                f"{self.unchanged} unchanged ({self.format}, {adj}, from {files})")
+                f"{self.unchanged} unchanged{read} ({self.format}, {adj}, from {files})")
 
 
 class SkippedFilesError(FintensorError):
