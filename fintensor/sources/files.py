@@ -508,7 +508,7 @@ def _with_format(text: pd.Series, fmt: str, aware: bool, lines, where: str) -> p
 def _epoch(text: pd.Series) -> pd.Series | None:
     """Epoch seconds (10 digits) or milliseconds (13 digits), as naive UTC; None when not all are."""
     for width, unit in ((10, "s"), (13, "ms")):
-        if text.str.fullmatch(r"\d{%d}" % width).all():
+        if len(text.iloc[0]) == width and text.str.fullmatch(r"\d{%d}" % width).all():
             return pd.to_datetime(text.astype("int64"), unit=unit)
     return None
 
@@ -531,7 +531,7 @@ def _parse_stamps(text: pd.Series, aware: bool, lines, where: str, date_format: 
     """Parse every value in the format of the first one: a value written otherwise is an error."""
     if date_format is not None:
         return _with_format(text, date_format, aware, lines, where)
-    if text.str.fullmatch(r"\d{8}\.0*").all():  # YYYYMMDD written as a float: 19991110.0
+    if re.fullmatch(r"\d{8}\.0*", text.iloc[0]) and text.str.fullmatch(r"\d{8}\.0*").all():  # 19991110.0
         text = text.str.split(".").str[0]
     first = text.iloc[0]
     epoch = _epoch(text)
