@@ -8,6 +8,7 @@ import os
 import tracemalloc
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -119,11 +120,16 @@ def test_folder_recursion_and_one_bad_file_is_skipped(tmp_path, store, capsys):
     assert [f for f, _ in report.skipped] == [str(root / "us" / "BROKEN.csv")]
 
 
-def test_lean_folder_with_factor_files_imports_the_bars(shared_data, store):
-    report = ft.import_csv(shared_data / "lean_algoseek_us_equity" / "minute" / "aapl", store=store)
+def test_lean_minute_folder_with_quote_bars(shared_data, store, capsys):
+    folder = shared_data / "lean_algoseek_us_equity" / "minute" / "aapl"
+    report = ft.import_csv(folder, store=store)
     rows = store.read("AAPL", interval="1m", as_pandas=True)
     assert len(rows) == 686 + 783 + 834  # every trade bar of the three days (PROVENANCE.md)
-    assert all("quote" in f for f, _ in report.skipped), report.skipped
+    assert report.ok and report.skipped == []
+    assert sorted((Path(f).name, why.split(" rows")[0]) for f, why in report.not_stored) == [
+        ("20140605_quote.zip", "830"), ("20140606_quote.zip", "835"), ("20140609_quote.zip", "847")]
+    assert main(["import", str(folder), "--store", str(store.root)]) == 0  # a re-import: nothing fails
+    assert "not stored:" in capsys.readouterr().out
 
 
 def test_fifo_and_devices_say_what_they_are(tmp_path, store):

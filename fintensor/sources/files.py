@@ -63,13 +63,15 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
                          date_format=date_format)
     st = store if isinstance(store, Store) else Store(store)
     files = _expand(paths, recursive)
-    pieces, skipped = [], []
+    pieces, skipped, not_stored = [], [], []
     for path, named in files:
         if not named and not _DATA_NAME.search(path.name):
             skipped.append((str(path), "not a data file (import reads .csv/.txt/.tsv/.dat, .gz and .zip)"))
             continue
         try:
             pieces.extend(_parse_file(path, opts))
+        except _NotStored as why:
+            not_stored.append((str(path), str(why)))
         except BadInputError as exc:
             if named:  # a file the user named is fatal; one found in a folder or by a pattern is reported
                 raise
@@ -80,7 +82,7 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
     jobs = _group(pieces, opts)
     planned = [_store_write(st, job, opts.on_conflict, dry_run=True) for job in jobs]  # all checked before any write
     return ImportReport([_write(st, job, opts.on_conflict, p) for job, p in zip(jobs, planned)], str(st.root),
-                        skipped)
+                        skipped, not_stored)
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -196,10 +198,16 @@ class _Piece:
     dropped: dict = dataclasses.field(default_factory=dict)  # why -> rows not kept
 
 
+class _NotStored(Exception):
+    """A file in a layout fintensor recognises but does not store (reported, not an error)."""
+
+
 def _parse_file(path: Path, opts: _Options) -> list[_Piece]:
     """Read, convert and check one file; one piece per symbol in it."""
     raw = _head(path)
     preset = _detect(raw, opts.preset)
+    if preset.not_stored:
+        raise _NotStored(f"{sum(1 for line in raw.text.splitlines() if line.strip())} rows of {preset.not_stored}")
     cols, wide, warnings = _columns(raw, preset, opts)
     _read_body(raw, [i for f, i in cols.items() if f in _TEXT_FIELDS])
     where = str(path)

@@ -48,6 +48,7 @@ class Preset:
     price_scale: float = 1              # divide prices by this
     amount_unit: float = 1              # currency units per amount unit (thousands: 1000)
     adjustment: str = "raw"             # of the OHLC columns
+    not_stored: str | None = None       # a layout recognised but not stored: why (reported per file)
     day_order: str | None = None        # "month_first": the vendor writes M/D/YYYY
 
 
@@ -77,6 +78,13 @@ PRESETS: tuple[Preset, ...] = (
            file_pattern=r"(?i)\d{8}_.*minute_trade", kind="bars", interval="1m", **_LEAN),
     Preset("lean_tick", columns=("ms", "price", "volume", "exchange", "sale_condition", "suspicious"),
            file_pattern=r"(?i)\d{8}_.*trade_tick", kind="ticks", **_LEAN),
+    # LEAN minute quote bars: bid and ask OHLC + sizes. The store's bar schema has no bid/ask bars, so they are
+    # recognised and reported as not stored (never mistaken for trade bars, never failing the folder)
+    Preset("lean_minute_quote", columns=("ms", "bid_open", "bid_high", "bid_low", "bid_close", "bid_size", "ask_open",
+                                         "ask_high", "ask_low", "ask_close", "ask_size"),
+           file_pattern=r"(?i)\d{8}_.*minute_quote", kind="bars", interval="1m",
+           not_stored="minute quote bars (bid/ask OHLC): the store has no bid/ask bar fields; the trade bars "
+                      "(*_trade.zip) of the same minutes are imported", **_LEAN),
     Preset("lean_quote_tick", columns=("ms", "bid", "bid_size", "ask", "ask_size", "exchange", "condition",
                                        "suspicious"), file_pattern=r"(?i)\d{8}_.*quote_tick", kind="ticks", **_LEAN),
     Preset("csv"),  # any other file with a header: ALIASES only

@@ -59,6 +59,7 @@ class ImportReport:
     results: list[SymbolResult]
     store: str = ""
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, why)
+    not_stored: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # recognised, not stored: (file, why)
 
     @property
     def ok(self) -> bool:
@@ -93,11 +94,13 @@ class ImportReport:
 
     def __str__(self) -> str:
         return "\n".join([str(r) for r in self.results] + [f"warning: {w}" for w in self.warnings]
+                         + [f"not stored: {f}: {why}" for f, why in self.not_stored]
                          + [f"skipped: {f}: {why}" for f, why in self.skipped])
 
     def to_dict(self) -> dict:
         return {"store": self.store, "results": [dataclasses.asdict(r) for r in self.results],
-                "skipped": [{"file": f, "reason": why} for f, why in self.skipped]}
+                "skipped": [{"file": f, "reason": why} for f, why in self.skipped],
+                "not_stored": [{"file": f, "reason": why} for f, why in self.not_stored]}
 
 
 
