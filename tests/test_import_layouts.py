@@ -231,3 +231,17 @@ def test_every_row_is_accounted_for(tmp_path, store):
     assert len(store.read("AAPL", interval="1d", as_pandas=True)) == 5
     assert "5 rows, 5 added, 0 updated, 0 unchanged; 8 read, 1 dropped (no values), 1 dropped (exact duplicate)" \
         in str(result)
+
+
+def test_import_and_download_return_one_report_type(tmp_path, store):
+    from fintensor.sources.report import IngestReport
+    from fintensor.sources.yahoo import DownloadReport
+
+    path = tmp_path / "AAPL.csv"
+    path.write_text("date,close\n2020-01-02,1\n2020-01-03,2\n")
+    report = ft.import_csv(path, store=store)
+    assert isinstance(report, IngestReport) and issubclass(DownloadReport, IngestReport)
+    assert report.ok and report.failed == [] and report.raise_for_status() is report
+    assert report.table().splitlines()[1].split()[:3] == ["AAPL", "added", "2"]
+    again = ft.import_csv(path, store=store)
+    assert again["AAPL"].status == "unchanged" and again["AAPL"].unchanged == 2

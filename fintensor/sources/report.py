@@ -28,6 +28,14 @@ class SymbolResult:
     read: int = 0               # data rows of the files for this symbol
     dropped: dict = dataclasses.field(default_factory=dict)  # why -> rows not stored (duplicates, empty, ...)
 
+    ok = True  # a symbol that could not be imported stops the import (named files) or skips its file
+
+    @property
+    def message(self) -> str:
+        dropped = ", ".join(f"{n} dropped ({why})" for why, n in self.dropped.items())
+        return f"{self.interval}, {self.added} added, {self.updated} updated, {self.unchanged} unchanged" + \
+            (f"; {dropped}" if dropped else "")
+
     @property
     def status(self) -> str:
         """added / updated / unchanged: what the import did to the store for this symbol."""
@@ -46,6 +54,42 @@ class SymbolResult:
                 f"{self.unchanged} unchanged{read} ({self.format}, {adj}, from {files})")
 
 
+class IngestReport:
+    """What every ingest (``ft.download``, ``ft.import_csv``) returns: per-symbol ``results`` with a
+    ``status``, ``ok``, ``failed``, ``raise_for_status()`` (raises when something was not ingested), ``table()``
+    and ``to_dict()`` (the CLI's ``--json``). Subclasses: ``yahoo.DownloadReport``, ``ImportReport``."""
+
+    results: list
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def failed(self) -> list:
+        return [r for r in self.results if not r.ok]
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, symbol: str):
+        """The result for ``symbol`` in any spelling."""
+        return _symbols.lookup(self.results, symbol)
+
+    def table(self) -> str:
+        """symbol, status, rows, message: one short line per symbol."""
+        rows = [(r.symbol, r.status, str(r.rows), r.message) for r in self.results]
+        return _table(("symbol", "status", "rows", "message"), rows)
+
+
+def _table(head: tuple, rows: list) -> str:
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *rows])
+
+
 class SkippedFilesError(FintensorError):
     """Some files of a folder or pattern were skipped: the rest was imported (exit 1)."""
 
@@ -53,7 +97,7 @@ class SkippedFilesError(FintensorError):
 
 
 @dataclasses.dataclass
-class ImportReport:
+class ImportReport(IngestReport):
     """Per-symbol results of ``import_csv``; ``str()`` gives one line per symbol, then skipped files."""
 
     results: list[SymbolResult]
@@ -64,6 +108,10 @@ class ImportReport:
     @property
     def ok(self) -> bool:
         return not self.skipped
+
+    @property
+    def failed(self) -> list:
+        return []
 
     def raise_for_status(self) -> "ImportReport":
         """Return self when every file was imported; else raise (exit 1) naming the skipped files."""
@@ -89,9 +137,6 @@ class ImportReport:
     def warnings(self) -> list[str]:
         return [f"{r.symbol}: {w}" for r in self.results for w in r.warnings]
 
-    def __getitem__(self, symbol: str) -> SymbolResult:
-        return _symbols.lookup(self.results, symbol)
-
     def __str__(self) -> str:
         return "\n".join([str(r) for r in self.results] + [f"warning: {w}" for w in self.warnings]
                          + [f"not stored: {f}: {why}" for f, why in self.not_stored]
@@ -103,6 +148,3 @@ class ImportReport:
                 "not_stored": [{"file": f, "reason": why} for f, why in self.not_stored]}
 
 
-
-#: The one report type of file imports (``ft.import_csv``).
-IngestReport = ImportReport

@@ -39,6 +39,7 @@ from .. import calendars
 from .. import symbols as _symbols
 from ..errors import BadInputError, DownloadError, FintensorError
 from ..store import Store, _date_bound, parse_interval
+from .report import IngestReport
 
 SOURCE = "yahoo"
 OK, NOT_FOUND, RATE_LIMITED, FAILED = "ok", "not_found", "rate_limited", "failed"
@@ -96,7 +97,7 @@ class SymbolResult:
 
 
 @dataclasses.dataclass
-class DownloadReport:
+class DownloadReport(IngestReport):
     """Per-symbol outcome of ``download``. Partial failure raises nothing; ask ``ok`` or call
     ``raise_for_status()``."""
 
