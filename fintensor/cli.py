@@ -182,6 +182,10 @@ def add_import(sub, common):
              ("--adjustment", dict(shown="--adjustment raw|split|full")),
              ("--adjusted-as-of", dict(shown="--adjusted-as-of DATE")),
              ("--source", dict(shown="--source LABEL")))
+    p.add_argument("--date-column", metavar="NAME", help="the column holding the dates (default: detected)")
+    p.add_argument("--date-format", metavar="FMT", help="strptime format of the dates, e.g. %%d/%%m/%%Y")
+    p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
+                   help="read sub-folders of a directory (default: on)")
 
 
 def cmd_import(args) -> int:
@@ -191,8 +195,10 @@ def cmd_import(args) -> int:
         args.paths, store=_store(args), symbol=args.symbol, layout=args.layout, kind="ticks" if args.ticks
         else "auto", interval=args.interval, format=args.format, timezone=args.tz, volume_unit=args.volume_unit,
         price_scale=args.price_scale, amount_unit=args.amount_unit, adjustment=args.adjustment,
-        adjusted_as_of=args.adjusted_as_of, source=args.source, field=args.field, on_conflict=args.on_conflict)
+        adjusted_as_of=args.adjusted_as_of, source=args.source, field=args.field, on_conflict=args.on_conflict,
+        recursive=args.recursive, date_column=args.date_column, date_format=args.date_format)
     _emit(args, report.to_dict(), f"{report}\nstore: {report.store}")
+    report.raise_for_status()  # exit 1 when a file of a folder was skipped
     return EXIT_OK
 
 

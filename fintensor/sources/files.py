@@ -4,18 +4,16 @@
 price scales, timezones, adjustment) live in one table of presets, ``PRESETS``; the preset is picked from
 the header and the file name, and every explicit option overrides it. Every file is read and checked
 before the store is touched, so bad input anywhere leaves the store unchanged.
+
+The pipeline, one module per job: ``csv_reader`` (regular files, bounded decompression, header and preset
+detection) -> ``dates`` (date spellings) -> this module (columns, units, symbols, keys; the import driver)
+-> the store's dry run (the one check of rows against the store) -> ``report`` (what happened, per symbol).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import glob
-import gzip
-import io
 import os
 import re
-import zlib
-import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -25,159 +23,19 @@ import pyarrow as pa
 
 from .. import symbols as _symbols
 from ..calendars import parse_date
-from ..errors import BadInputError
+from .. import checks
+from ..errors import BadInputError, FintensorError
 from ..store import (DAILY_SCHEMA, NONNEGATIVE, SCHEMAS, Store, WriteResult, conform,
                      interval_kind, parse_interval)
+from .csv_reader import (_DATA_NAME, MISSING, _detect, _expand, _head, _looks_like_time, _Raw, _read_body,
+                         MAX_UNPACKED_BYTES, UNPACKED_FREE, UNPACKED_RATIO)
+from .dates import _OFFSET, _ms_of_day, _parse_stamps
+from .presets import _BY_NAME, ALIASES, IGNORED, PRESET_NAMES, PRESETS, Preset  # noqa: F401 (re-exported)
+from .report import IngestReport, ImportReport, SkippedFilesError, SymbolResult  # noqa: F401 (re-exported)
 
-MAX_LINE_BYTES = 1 << 16
 PRICE_FIELDS = ("open", "high", "low", "close", "adj_close", "pre_close", "dividend", "price", "bid", "ask")
 VOLUME_FIELDS = ("volume", "bid_size", "ask_size")
 _TEXT_FIELDS = ("date", "time", "datetime", "symbol")  # read as text; every other column as numbers
-MISSING = {"", "nan", "NaN", "NAN", "null", "NULL", "None", "NA", "N/A", "n/a", "#N/A"}
-
-
-# ------------------------------------------------------------------------------------------ presets
-#: Header names (lower case) -> store field. Time columns map to "date", "time" or "datetime".
-ALIASES = {
-    "date": "date", "trade_date": "date", "day": "date", "datetime": "datetime", "timestamp": "datetime",
-    "date_time": "datetime", "time": "time",
-    "symbol": "symbol", "ticker": "symbol", "code": "symbol", "ts_code": "symbol", "name": "symbol",
-    "open": "open", "high": "high", "low": "low", "close": "close",
-    "adj close": "adj_close", "adj_close": "adj_close", "adjclose": "adj_close", "adjusted_close": "adj_close",
-    "adjusted close": "adj_close",
-    "volume": "volume", "vol": "volume", "size": "volume", "amount": "amount",
-    "turn": "turnover", "turnover": "turnover",
-    "pre_close": "pre_close", "preclose": "pre_close", "prev_close": "pre_close",
-    "dividend": "dividend", "dividends": "dividend", "ex-dividend": "dividend", "ex_dividend": "dividend",
-    "split": "split", "splits": "split", "split_ratio": "split", "stock splits": "split",
-    "tradestatus": "trade_status", "trade_status": "trade_status",
-    "price": "price", "buyorsell": "side", "side": "side",
-    "bid": "bid", "bid_size": "bid_size", "ask": "ask", "ask_size": "ask_size",
-    "suspicious": "suspicious",
-}
-#: Known vendor columns the store has no field for: dropped without a warning.
-IGNORED = {"openinterest", "open_interest", "oi", "change", "pct_chg", "pctchg", "isst", "adjustflag",
-           "adj_open", "adj_high", "adj_low", "adj_volume", "ts_date", "exchange", "sale_condition", "condition"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """One vendor's file convention, and how to recognise it from the header, first row and file name."""
-
-    name: str
-    signature: frozenset = frozenset()  # lower-case header names that identify it
-    header: tuple | None = None         # or the exact header, when only the column order tells it apart
-    columns: tuple | None = None        # or, for a headerless file, the fields of its columns
-    file_pattern: str | None = None     # regex the (zip member) file name must match, for headerless files
-    first_row: tuple | None = None      # (field, regex) the first data row must match
-    rename: tuple = ()                  # (header, field) pairs that differ from ALIASES
-    kind: str | None = None             # "bars" or "ticks"; None = from the data
-    interval: str | None = None
-    timezone: str | None = None         # timezone of naive timestamps
-    volume_unit: float = 1              # shares per volume unit (lots: 100)
-    price_scale: float = 1              # divide prices by this
-    amount_unit: float = 1              # currency units per amount unit (thousands: 1000)
-    adjustment: str = "raw"             # of the OHLC columns
-
-
-_OHLC = frozenset({"date", "open", "high", "low", "close"})
-_HIKYUU = dict(timezone="Asia/Shanghai", volume_unit=100, price_scale=1000)
-_LEAN = dict(timezone="America/New_York", price_scale=10_000)
-
-#: The vendor presets, most specific first: auto-detection takes the first that matches, else "csv".
-PRESETS: tuple[Preset, ...] = (
-    Preset("quandl", frozenset({"ticker", "ex-dividend", "split_ratio", "adj_close"})),
-    Preset("tushare", frozenset({"ts_code", "trade_date", "vol", "amount"}), volume_unit=100, amount_unit=1000),
-    Preset("baostock", frozenset({"code", "adjustflag", "tradestatus"})),  # adjustment from adjustflag
-    Preset("hikyuu_ticks", frozenset({"symbol", "datetime", "price", "vol", "buyorsell"}), kind="ticks", **_HIKYUU),
-    Preset("hikyuu_1min", frozenset({"symbol", "datetime", "price", "vol"}), first_row=("datetime", r"\d{12}"),
-           rename=(("price", "close"),), kind="bars", interval="1m", **_HIKYUU),
-    Preset("zipline", _OHLC | {"volume", "dividend", "split"}, adjustment="split"),
-    Preset("yahoo", _OHLC | {"adj close", "volume"}, adjustment="split"),
-    # yfinance's own history()/download() export: auto_adjust=True (its default) drops Adj Close and
-    # adjusts OHLC for splits and dividends
-    Preset("yfinance", _OHLC | {"volume", "dividends", "stock splits"}, adjustment="full"),
-    Preset("mplfinance_intraday", header=("date", "open", "close", "high", "low", "volume"),
-           first_row=("date", r".*\d:\d\d"), timezone="America/New_York"),
-    Preset("backtrader", _OHLC | {"volume", "openinterest"}),
-    Preset("lean_daily", columns=("date", "open", "high", "low", "close", "volume"), file_pattern=r"^[a-z0-9.]+\.csv$",
-           first_row=("date", r"\d{8} 00:00"), kind="bars", interval="1d", **_LEAN),
-    Preset("lean_minute", columns=("ms", "open", "high", "low", "close", "volume"),
-           file_pattern=r"(?i)\d{8}_.*minute_trade", kind="bars", interval="1m", **_LEAN),
-    Preset("lean_tick", columns=("ms", "price", "volume", "exchange", "sale_condition", "suspicious"),
-           file_pattern=r"(?i)\d{8}_.*trade_tick", kind="ticks", **_LEAN),
-    Preset("lean_quote_tick", columns=("ms", "bid", "bid_size", "ask", "ask_size", "exchange", "condition",
-                                       "suspicious"), file_pattern=r"(?i)\d{8}_.*quote_tick", kind="ticks", **_LEAN),
-    Preset("csv"),  # any other file with a header: ALIASES only
-)
-_BY_NAME = {p.name: p for p in PRESETS}
-_BY_NAME.update(hikyuu_1m=_BY_NAME["hikyuu_1min"], mplfinance=_BY_NAME["mplfinance_intraday"])
-PRESET_NAMES = sorted(_BY_NAME)
-
-
-# ------------------------------------------------------------------------------------------ reports
-@dataclasses.dataclass
-class SymbolResult:
-    """What the import did for one symbol and interval (ticks: summed over their dates)."""
-
-    symbol: str
-    interval: str               # "1d", "1m", ... or "tick"
-    rows: int                   # rows read from the files (after exact duplicates were dropped)
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    partitions: list[str] = dataclasses.field(default_factory=list)
-    files: list[str] = dataclasses.field(default_factory=list)
-    format: str = ""
-    adjustment: str = "raw"
-    adjusted_as_of: str | None = None
-    units: dict = dataclasses.field(default_factory=dict)
-    alias: str | None = None
-    warnings: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def partition(self) -> str:
-        return self.partitions[0] if len(self.partitions) == 1 else f"{len(self.partitions)} partitions"
-
-    def __str__(self) -> str:
-        adj = self.adjustment + (f" as of {self.adjusted_as_of}" if self.adjusted_as_of else "")
-        files = self.files[0] if len(self.files) == 1 else f"{len(self.files)} files"
-        return (f"{self.symbol} {self.interval}: {self.rows} rows, {self.added} added, {self.updated} updated, "
-                f"{self.unchanged} unchanged ({self.format}, {adj}, from {files})")
-
-
-@dataclasses.dataclass
-class ImportReport:
-    """Per-symbol results of ``import_csv``; ``str()`` gives one line per symbol."""
-
-    results: list[SymbolResult]
-    store: str = ""
-
-    @property
-    def symbols(self) -> list[str]:
-        return list(dict.fromkeys(r.symbol for r in self.results))
-
-    @property
-    def added(self) -> int:
-        return sum(r.added for r in self.results)
-
-    @property
-    def updated(self) -> int:
-        return sum(r.updated for r in self.results)
-
-    @property
-    def warnings(self) -> list[str]:
-        return [f"{r.symbol}: {w}" for r in self.results for w in r.warnings]
-
-    def __getitem__(self, symbol: str) -> SymbolResult:
-        return _symbols.lookup(self.results, symbol)
-
-    def __str__(self) -> str:
-        return "\n".join([str(r) for r in self.results] + [f"warning: {w}" for w in self.warnings])
-
-    def to_dict(self) -> dict:
-        return {"store": self.store, "results": [dataclasses.asdict(r) for r in self.results]}
-
 
 # --------------------------------------------------------------------------------------------- API
 def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store: Store | str | None = None,
@@ -185,7 +43,8 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
                format: str | None = None, timezone: str | None = None, volume_unit: str | float | None = None,
                price_scale: float | None = None, amount_unit: str | float | None = None,
                adjustment: str | None = None, adjusted_as_of: str | None = None, source: str | None = None,
-               field: str = "close", on_conflict: str = "error") -> ImportReport:
+               field: str = "close", on_conflict: str = "error", recursive: bool = True,
+               date_column: str | None = None, date_format: str | None = None) -> ImportReport:
     """Import bar or tick files (CSV, .gz, .zip with one CSV) into the store; returns an ImportReport.
 
     paths: files, directories or glob patterns. layout: "auto", "long" (a symbol column), "wide" (one
@@ -194,16 +53,40 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
     auto-detection. volume_unit: "shares", "lots" (100 shares) or shares per unit. price_scale: prices
     are divided by it. amount_unit: "currency", "thousands" or currency units per unit. adjustment:
     "raw", "split" or "full" (of the OHLC columns). on_conflict: "error", "keep" or "overwrite".
+    date_column: the header name of the date column when it is not one fintensor knows. date_format: a
+    strptime format for every date (e.g. "%d/%m/%Y"): needed when D/M/YYYY vs M/D/YYYY is ambiguous.
+    recursive: read sub-folders of a directory. A file found in a folder or by a pattern that cannot be
+    read is skipped and listed in ``report.skipped`` (``raise_for_status()`` raises then); a file named
+    outright must import.
     """
+    recursive = checks.boolean("recursive", recursive)
     opts = _Options.make(symbol=symbol, layout=layout, kind=kind, interval=interval, format=format,
                          timezone=timezone, volume_unit=volume_unit, price_scale=price_scale,
                          amount_unit=amount_unit, adjustment=adjustment, adjusted_as_of=adjusted_as_of,
-                         source=source, field=field, on_conflict=on_conflict)
+                         source=source, field=field, on_conflict=on_conflict, date_column=date_column,
+                         date_format=date_format)
     st = store if isinstance(store, Store) else Store(store)
-    pieces = [piece for path in _expand(paths) for piece in _parse_file(path, opts)]
+    files = _expand(paths, recursive)
+    pieces, skipped, not_stored = [], [], []
+    for path, named in files:
+        if not named and not _DATA_NAME.search(path.name):
+            skipped.append((str(path), "not a data file (import reads .csv/.txt/.tsv/.dat, .gz and .zip)"))
+            continue
+        try:
+            pieces.extend(_parse_file(path, opts))
+        except _NotStored as why:
+            not_stored.append((str(path), str(why)))
+        except BadInputError as exc:
+            if named:  # a file the user named is fatal; one found in a folder or by a pattern is reported
+                raise
+            skipped.append((str(path), str(exc).removeprefix(f"{path}: ").removeprefix(str(path))))
+    if not pieces:
+        why = "; ".join(f"{f}: {r}" for f, r in skipped[:3])
+        raise BadInputError(f"none of the {len(files)} files could be imported ({why})")
     jobs = _group(pieces, opts)
     planned = [_store_write(st, job, opts.on_conflict, dry_run=True) for job in jobs]  # all checked before any write
-    return ImportReport([_write(st, job, opts.on_conflict, p) for job, p in zip(jobs, planned)], str(st.root))
+    return ImportReport([_write(st, job, opts.on_conflict, p) for job, p in zip(jobs, planned)], str(st.root),
+                        skipped, not_stored)
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -238,10 +121,13 @@ class _Options:
     source: str | None
     field: str
     on_conflict: str
+    date_column: str | None = None
+    date_format: str | None = None
 
     @classmethod
     def make(cls, *, symbol, layout, kind, interval, format, timezone, volume_unit, price_scale, amount_unit,
-             adjustment, adjusted_as_of, source, field, on_conflict) -> "_Options":
+             adjustment, adjusted_as_of, source, field, on_conflict, date_column=None,
+             date_format=None) -> "_Options":
         def choice(name, value, allowed):
             if value not in allowed:
                 raise BadInputError(f"{name} must be one of {', '.join(map(repr, allowed))}, not {value!r}")
@@ -262,8 +148,12 @@ class _Options:
             raise BadInputError(f"field {field!r} is not a bar field; use one of {DAILY_SCHEMA.names[1:-1]}")
         if adjusted_as_of is not None:
             adjusted_as_of = _iso_date(adjusted_as_of, "adjusted_as_of")
+        if date_format is not None and (not isinstance(date_format, str) or "%" not in date_format):
+            raise BadInputError(f"date_format must be a strptime format such as '%d/%m/%Y', not {date_format!r}")
+        if date_column is not None and (not isinstance(date_column, str) or not date_column.strip()):
+            raise BadInputError(f"date_column must be a column name, not {date_column!r}")
         return cls(
-            symbol=_symbols.normalize(symbol) if symbol is not None else None,
+            symbol=_normalized_option(symbol) if symbol is not None else None,
             alias=symbol.strip() if symbol is not None else None,
             layout=choice("layout", layout, ("auto", "long", "wide", "file")),
             kind=choice("kind", kind, ("auto", "bars", "ticks")),
@@ -275,181 +165,19 @@ class _Options:
             adjustment=choice("adjustment", adjustment, (None, "raw", "split", "full")),
             adjusted_as_of=adjusted_as_of, source=source, field=field,
             on_conflict=choice("on_conflict", on_conflict, ("error", "keep", "overwrite")),
+            date_column=date_column.strip().lower() if date_column else None, date_format=date_format,
         )
+
+
+def _normalized_option(symbol) -> str:
+    if isinstance(symbol, str) and symbol.strip().startswith("-"):
+        raise BadInputError(f"symbol {symbol.strip()!r} starts with '-'; a symbol starts with a letter, digit or "
+                            "'^' (e.g. AAPL, 600519.SS, ^GSPC)")
+    return _symbols.normalize(symbol)
 
 
 def _iso_date(value, what: str) -> str:
     return parse_date(value, what).isoformat()
-
-
-# ---------------------------------------------------------------------------------------- reading
-def _expand(paths) -> list[Path]:
-    """Files named by ``paths`` (files, directories, glob patterns), checked to exist."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    out: list[Path] = []
-    for p in paths:
-        text = os.fspath(p)
-        if isinstance(p, str) and any(c in text for c in "*?[") and not Path(text).exists():
-            hits = sorted(glob.glob(os.path.expanduser(text)))
-            if not hits:
-                raise BadInputError(f"{text}: no file matches this pattern")
-            out.extend(Path(h) for h in hits if Path(h).is_file())
-            continue
-        path = Path(text).expanduser()
-        if path.is_dir():
-            files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
-            if not files:
-                raise BadInputError(f"{path}: the directory holds no files")
-            out.extend(files)
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise BadInputError(f"{path}: no such file; check the path")
-    if not out:
-        raise BadInputError("no files given: pass one or more CSV files, directories or glob patterns")
-    return out
-
-
-def _load_bytes(path: Path) -> tuple[bytes, str]:
-    """The file's decompressed bytes and the name that describes its content (zip member, .gz stripped)."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot read it ({exc.strerror})") from None
-    name = path.name
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise BadInputError(f"{path}: damaged gzip file ({exc})") from None
-        name = name[:-3] if name.lower().endswith(".gz") else name
-    elif data[:4] == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                members = [i for i in zf.infolist() if not i.is_dir() and not i.filename.startswith("__MACOSX")]
-                if len(members) != 1:
-                    raise BadInputError(f"{path}: the zip holds {len(members)} files; import_csv reads zips with "
-                                        "exactly one CSV inside (unzip it and pass the files)")
-                data, name = zf.read(members[0]), Path(members[0].filename).name
-        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-            raise BadInputError(f"{path}: damaged zip file ({exc})") from None
-    return data, name
-
-
-def _read_text(path: Path, data: bytes) -> str:
-    """Decoded text, or one clear error for empty, binary or non-CSV content."""
-    if not data.strip():
-        raise BadInputError(f"{path}: the file is empty; nothing to import")
-    if b"\x00" in data:
-        raise BadInputError(f"{path}: binary content (NUL bytes), not a CSV file")
-    newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
-    bounds = np.r_[-1, newlines, len(data)]
-    lengths = np.diff(bounds) - 1
-    if lengths.max() > MAX_LINE_BYTES:
-        line = int(np.argmax(lengths)) + 1
-        raise BadInputError(f"{path}: line {line} is {int(lengths.max()):,} bytes long; a CSV line is at most "
-                            f"{MAX_LINE_BYTES:,} (is this really a CSV file?)")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise BadInputError(f"{path}: line {line} is not UTF-8 text (a binary file, or another encoding: "
-                            "convert it to UTF-8)") from None
-
-
-@dataclasses.dataclass
-class _Raw:
-    """A file: its header (None when headerless), first data row, and, once read, cells and line numbers."""
-
-    path: Path
-    name: str                 # content name: the zip member, or the file name without .gz
-    text: str
-    sep: str
-    header: list[str] | None
-    first: list[str]          # the first data row's fields
-    cells: pd.DataFrame | None = None   # columns 0..n-1: str for text columns, numbers for value columns
-    lines: np.ndarray | None = None     # each row's line number in the file
-
-    @property
-    def names(self) -> list[str]:
-        return [h.lower() for h in self.header] if self.header else []
-
-
-def _head(path: Path) -> _Raw:
-    """Decode the file and read its first lines: enough to pick a preset and map columns."""
-    data, name = _load_bytes(path)
-    text = _read_text(path, data)
-    rows = [r for r in text.split("\n", 3)[:3] if r.strip()]
-    first_line = rows[0].rstrip("\r")
-    sep = max(",\t;|", key=first_line.count)
-    first = next(csv.reader([first_line], delimiter=sep))
-    if any(_is_number(f) for f in first):
-        return _Raw(path, name, text, sep, None, first)
-    if len(rows) < 2:
-        raise BadInputError(f"{path}: no data rows (only a header); nothing to import")
-    header = [h.strip() for h in first]
-    first = next(csv.reader([rows[1].rstrip("\r")], delimiter=sep))
-    if len(first) == len(header) + 1 and header[0].lower() in ("date", "day") and _looks_like_time(first[1]):
-        header.insert(1, "time")  # backtrader futures: 7 names over 8 fields "date,time,..."
-    elif len(first) != len(header):
-        raise BadInputError(f"{path}: the header names {len(header)} columns but line 2 has {len(first)} fields")
-    return _Raw(path, name, text, sep, header, first)
-
-
-def _read_body(raw: _Raw, text_columns: Iterable[int]) -> None:
-    """Parse every row: text columns as str, the rest by pandas' C parser (a bad cell leaves a str column)."""
-    try:
-        cells = pd.read_csv(io.StringIO(raw.text), sep=raw.sep, header=None, skiprows=1 if raw.header else 0,
-                            dtype={i: str for i in text_columns}, keep_default_na=False, na_values=sorted(MISSING),
-                            skip_blank_lines=False, engine="c")
-    except pd.errors.ParserError as exc:
-        raise BadInputError(f"{raw.path}: cannot parse the CSV ({str(exc).strip()})") from None
-    lines = np.arange(len(cells)) + (2 if raw.header else 1)
-    filled = cells.notna().any(axis=1).to_numpy()
-    if not filled.all():
-        cells, lines = cells[filled].reset_index(drop=True), lines[filled]
-    for i in text_columns:
-        cells[i] = cells[i].fillna("")
-    raw.cells, raw.lines = cells, lines
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def _looks_like_time(text: str) -> bool:
-    return bool(re.fullmatch(r"\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?", str(text).strip()))
-
-
-# ------------------------------------------------------------------------------------ preset choice
-def _detect(raw: _Raw, opts: _Options) -> Preset:
-    if opts.preset is not None:
-        return opts.preset
-    found = next((p for p in PRESETS if _matches(p, raw)), None)
-    if found is None and raw.header is None:
-        raise BadInputError(f"{raw.path}: no header and not a known headerless layout (LEAN/AlgoSeek); "
-                            "add a header line or pass format= (CLI: --format)")
-    return found or _BY_NAME["csv"]
-
-
-def _matches(p: Preset, raw: _Raw) -> bool:
-    if raw.header is None:
-        names = p.columns or ()
-        if len(names) != len(raw.first) or not re.search(p.file_pattern or "^$", raw.name):
-            return False
-    else:
-        names = raw.names
-        if p.columns or not ((p.signature and p.signature <= set(names)) or p.header == tuple(names)):
-            return False
-    if p.first_row is None:
-        return True
-    field, pattern = p.first_row
-    return re.fullmatch(pattern, raw.first[list(names).index(field)].strip()) is not None
 
 
 # ---------------------------------------------------------------------------------------- parsing
@@ -470,17 +198,25 @@ class _Piece:
     timezone: str | None
     units: dict
     warnings: list[str]
+    read: int = 0             # rows of the file for this symbol
+    dropped: dict = dataclasses.field(default_factory=dict)  # why -> rows not kept
+
+
+class _NotStored(Exception):
+    """A file in a layout fintensor recognises but does not store (reported, not an error)."""
 
 
 def _parse_file(path: Path, opts: _Options) -> list[_Piece]:
     """Read, convert and check one file; one piece per symbol in it."""
     raw = _head(path)
-    preset = _detect(raw, opts)
+    preset = _detect(raw, opts.preset)
+    if preset.not_stored:
+        raise _NotStored(f"{sum(1 for line in raw.text.splitlines() if line.strip())} rows of {preset.not_stored}")
     cols, wide, warnings = _columns(raw, preset, opts)
     _read_body(raw, [i for f, i in cols.items() if f in _TEXT_FIELDS])
     where = str(path)
-    cells, lines, spellings = _symbol_spellings(raw, cols, wide, opts, where)
-    stamps, has_time, aware = _timestamps(raw, cells, lines, cols, where)
+    cells, lines, spellings = _symbol_spellings(raw, cols, wide, opts, where, preset)
+    stamps, has_time, aware = _timestamps(raw, cells, lines, cols, where, opts.date_format, preset)
     kind = _kind(opts, preset, has_time, cols, where)
     units, factors = _units(preset, opts)
     values = _store_units({f: _numbers(cells[i], f, lines, where) for f, i in cols.items()
@@ -490,6 +226,8 @@ def _parse_file(path: Path, opts: _Options) -> list[_Piece]:
     for drop, why in ((suspicious, "record(s) flagged suspicious"), (empty & ~suspicious, "row(s) without values")):
         if drop.any():  # LEAN leaves suspicious ticks out of its own bars too; Yahoo writes 'null' rows
             warnings.append(f"dropped {int(drop.sum())} {why}")
+    read_spellings = spellings
+    drop_reasons = {"flagged suspicious": suspicious, "no values": empty & ~suspicious}
     if (suspicious | empty).any():
         keep = ~(suspicious | empty)
         lines, spellings, stamps = lines[keep], spellings[keep], stamps[keep]
@@ -510,10 +248,14 @@ def _parse_file(path: Path, opts: _Options) -> list[_Piece]:
         frame = _schema_columns(frame, kind, warnings)
         _check_values(frame, lines[sel], where)
         frame, frame_lines = _dedupe(frame, kind, lines[sel], where)
+        mine = read_spellings == spelling
+        dropped = {why: int((drop & mine).sum()) for why, drop in drop_reasons.items() if (drop & mine).any()}
+        if len(frame_lines) < int(sel.sum()):
+            dropped["exact duplicate"] = int(sel.sum()) - len(frame_lines)
         as_of = opts.adjusted_as_of or (last if as_of_last else None)
         alias = None if str(spelling).upper() == sym else str(spelling)
         pieces.append(_Piece(sym, alias, kind, interval, frame, frame_lines, path, preset, adjustment, as_of, tz,
-                             units, list(warnings)))
+                             units, list(warnings), int(mine.sum()), dropped))
     return pieces
 
 
@@ -532,7 +274,8 @@ def _store_units(values: dict, factors: dict) -> dict:
     return values
 
 
-def _symbol_spellings(raw: _Raw, cols: dict, wide: list[int] | None, opts: _Options, where: str):
+def _symbol_spellings(raw: _Raw, cols: dict, wide: list[int] | None, opts: _Options, where: str,
+                      preset: Preset):
     """(cells, lines, each row's symbol as written): from a column, the wide header, the option or file name."""
     cells, lines = raw.cells, raw.lines
     col = cols.pop("symbol", None)
@@ -549,10 +292,11 @@ def _symbol_spellings(raw: _Raw, cols: dict, wide: list[int] | None, opts: _Opti
             raise BadInputError(f"{where}: the file holds {len(found)} symbols ({', '.join(found[:5])}); "
                                 "symbol= is for one-symbol files: leave it out")
         return cells, lines, np.full(len(cells), opts.alias, dtype=object)
-    guess = _symbol_from_name(raw.name) or _symbol_from_name(raw.path.name)
+    lower_ok = preset.name.startswith("lean")  # LEAN names its files in lower case: aapl.csv
+    guess = _symbol_from_name(raw.name, lower_ok) or _symbol_from_name(raw.path.name, lower_ok)
     if guess is None:
-        raise BadInputError(f"{where}: no symbol column and no symbol in the file name; pass symbol= "
-                            "(CLI: --symbol)")
+        raise BadInputError(f"{where}: no symbol column, and the file name does not look like a ticker (AAPL.csv, "
+                            "600519.SS.csv); pass symbol= (CLI: --symbol)")
     return cells, lines, np.full(len(cells), guess, dtype=object)
 
 
@@ -571,8 +315,17 @@ def _columns(raw: _Raw, preset: Preset, opts: _Options) -> tuple[dict, list[int]
     rename = dict(preset.rename)
     cols: dict[str, int] = {}
     unknown = []
+    if opts.date_column is not None and opts.date_column not in names:
+        raise BadInputError(f"{raw.path}: no column named {opts.date_column!r} (date_column=); the header has "
+                            f"{raw.header}")
     for i, name in enumerate(names):
         field = rename.get(name) or ALIASES.get(name) or (name if name in ("ms", "adjustflag") else None)
+        if opts.date_column is not None:
+            if name == opts.date_column:
+                field = "date"
+            elif field in ("date", "datetime", "time"):
+                warnings.append(f"ignored column {raw.header[i]!r}: date_column={opts.date_column!r} holds the dates")
+                continue
         if field is None:
             if name not in IGNORED:
                 unknown.append(i)
@@ -587,6 +340,14 @@ def _columns(raw: _Raw, preset: Preset, opts: _Options) -> tuple[dict, list[int]
         raise BadInputError(f"{raw.path}: no date column (looked for {', '.join(k for k, v in ALIASES.items() if v in ('date', 'datetime'))}); "
                             "rename it or pass format=")
     values = set(cols) - {"date", "time", "datetime", "ms", "symbol", "adjustflag"}
+    series = _single_series(raw, names, cols, values, unknown, opts)
+    if series is not None:  # 'date,vix', 'date,value', 'date,price' (daily): one value column
+        for f in values:
+            cols.pop(f)
+        cols[opts.field] = series
+        warnings.append(f"read the single value column {raw.header[series]!r} as {opts.field!r} "
+                        "(pass field= / --field to store it as another field)")
+        return cols, None, warnings
     wide = opts.layout == "wide" or (opts.layout == "auto" and not values and unknown)
     if wide:
         if values or not unknown:
@@ -603,6 +364,24 @@ def _columns(raw: _Raw, preset: Preset, opts: _Options) -> tuple[dict, list[int]
     return cols, None, warnings
 
 
+#: Names of the one value column of a single-series file (FRED, index levels, returns).
+SERIES_NAMES = {"value", "values", "price", "vix", "return", "returns", "ret", "rate", "level", "yield", "px_last",
+                "last", "nav"}
+
+
+def _single_series(raw: _Raw, names, cols, values, unknown, opts) -> int | None:
+    """The column index of a single-series file's value column, or None for any other layout."""
+    if opts.layout == "wide" or raw.header is None or "symbol" in cols:
+        return None
+    candidates = [i for i in unknown if names[i] in SERIES_NAMES] + [cols[f] for f in values if f == "price"]
+    if len(unknown) + len(values) != 1 or len(candidates) != 1 and not (opts.symbol and len(unknown) == 1):
+        return None
+    date = raw.first[cols.get("date", cols.get("datetime", 0))]
+    if "price" in values and (re.search(r"\d:\d\d", date) or "time" in cols):
+        return None  # a time-stamped price: ticks
+    return candidates[0] if candidates else unknown[0]
+
+
 def _melt(raw: _Raw, wide_cols: list[int], cols: dict, field: str):
     """Wide -> long: one row per (row, symbol column), the value in a new column mapped to ``field``."""
     n, k = len(raw.cells), len(wide_cols)
@@ -610,12 +389,23 @@ def _melt(raw: _Raw, wide_cols: list[int], cols: dict, field: str):
     value_col = raw.cells.shape[1]
     cells[value_col] = np.concatenate([raw.cells[i].to_numpy() for i in wide_cols])
     cols[field] = value_col
-    syms = np.repeat(np.array([raw.header[i] for i in wide_cols], dtype=object), n)
+    syms = np.repeat(np.array([_a_share(raw.header[i]) for i in wide_cols], dtype=object), n)
     keep = cells[value_col].notna().to_numpy()
     return cells[keep].reset_index(drop=True), np.tile(raw.lines, k)[keep], syms[keep]
 
 
-def _symbol_from_name(name: str) -> str | None:
+def _a_share(name: str) -> str:
+    """A bare A-share code as a wide file's column name -> its Yahoo symbol by the exchange's code ranges
+    (6xxxxx Shanghai .SS; 0xxxxx, 3xxxxx Shenzhen .SZ); any other name unchanged."""
+    name = name.strip()
+    if re.fullmatch(r"6\d{5}", name):
+        return name + ".SS"
+    if re.fullmatch(r"[03]\d{5}", name):
+        return name + ".SZ"
+    return name
+
+
+def _symbol_from_name(name: str, lower_ok: bool = False) -> str | None:
     """The one token of a file name that can be a ticker: 'AAPL_data.csv', 'yahoofinance-AAPL-2004.csv'."""
     stem = re.sub(r"(?i)(\.(csv|txt|tsv|gz|zip))+$", "", name)
     noise = {"data", "daily", "day", "minute", "min", "tick", "ticks", "trade", "quote", "csvdir", "yahoo",
@@ -624,6 +414,10 @@ def _symbol_from_name(name: str) -> str | None:
     tokens = [t for t in re.split(r"[\s_\-]+", stem) if t and not t.isdigit() and t.lower() not in noise]
     if len(tokens) != 1:
         return None
+    # a lower-case ticker only beside a date or year ('nvda-1999-2014.txt') or in LEAN's own names
+    lower_ok = lower_ok or re.search(r"\d{4}", stem) is not None
+    if re.fullmatch(r"[A-Z][a-z]+", tokens[0]) or not lower_ok and not re.search(r"[A-Z0-9^=]", tokens[0]):
+        return None  # 'test', 'prices', 'Apple': words, not tickers
     try:
         _symbols.normalize(tokens[0])
     except BadInputError:
@@ -632,6 +426,9 @@ def _symbol_from_name(name: str) -> str | None:
 
 
 def _checked_symbol(spelling, where: str, line: int) -> str:
+    if str(spelling).strip().startswith("-"):
+        raise BadInputError(f"{where} line {line}: symbol {str(spelling).strip()!r} starts with '-'; a symbol starts "
+                            "with a letter, digit or '^' (e.g. AAPL, 600519.SS, ^GSPC)")
     try:
         return _symbols.normalize(str(spelling))
     except BadInputError as exc:
@@ -645,23 +442,8 @@ def _known_timezone(sym: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------- timestamps
-_TIME_FORMATS = (  # regex of the first value -> strptime formats to try, in order
-    (r"\d{4}-\d{1,2}-\d{1,2}", ("%Y-%m-%d",)),
-    (r"\d{4}/\d{1,2}/\d{1,2}", ("%Y/%m/%d",)),
-    (r"\d{8}", ("%Y%m%d",)),
-    (r"\d{12}", ("%Y%m%d%H%M",)),
-    (r"\d{14}", ("%Y%m%d%H%M%S",)),
-    (r"\d{8} \d{1,2}:\d{2}", ("%Y%m%d %H:%M",)),
-    (r"\d{8} \d{1,2}:\d{2}:\d{2}", ("%Y%m%d %H:%M:%S",)),
-    (r"\d{1,2}/\d{1,2}/\d{4}", ("%m/%d/%Y", "%d/%m/%Y")),
-    (r"\d{1,2}/\d{1,2}/\d{4} \d{1,2}:\d{2}", ("%m/%d/%Y %H:%M", "%d/%m/%Y %H:%M")),
-    (r"\d{1,2}/\d{1,2}/\d{4} \d{1,2}:\d{2}:\d{2}", ("%m/%d/%Y %H:%M:%S", "%d/%m/%Y %H:%M:%S")),
-    (r"\d{4}-\d{2}-\d{2}[ T]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?", ("ISO8601",)),
-)
-_OFFSET = r"(?:Z|[+-]\d{2}:?\d{2})$"
-
-
-def _timestamps(raw: _Raw, cells, lines, cols, where: str) -> tuple[np.ndarray, bool, bool]:
+def _timestamps(raw: _Raw, cells, lines, cols, where: str, date_format: str | None = None,
+                preset: "Preset | None" = None) -> tuple[np.ndarray, bool, bool]:
     """(datetime64[ns] stamps, any time of day, aware) from the time columns; aware stamps are in UTC."""
     if "ms" in cols:
         return _ms_of_day(raw, _numbers(cells[cols["ms"]], "ms", lines, where), lines, where), True, False
@@ -680,7 +462,7 @@ def _timestamps(raw: _Raw, cells, lines, cols, where: str) -> tuple[np.ndarray, 
     aware = bool(has_offset[0])
     if aware and text.str.contains(r"[ T]00:00(?::00(?:\.0+)?)?" + _OFFSET, regex=True).all():
         text, aware = text.str[:10], False  # daily bars stamped at local midnight: the date is the session
-    parsed = _parse_stamps(text, aware, lines, where)
+    parsed = _parse_stamps(text, aware, lines, where, date_format, getattr(preset, "day_order", None))
     stamps = (parsed.dt.tz_convert("UTC").dt.tz_localize(None) if aware else parsed).to_numpy()
     outside = (stamps < np.datetime64("1678-01-01")) | (stamps >= np.datetime64("2262-01-01"))  # int64 ns range
     if outside.any():
@@ -690,59 +472,6 @@ def _timestamps(raw: _Raw, cells, lines, cols, where: str) -> tuple[np.ndarray, 
     stamps = stamps.astype("datetime64[ns]")
     has_time = bool((stamps != stamps.astype("datetime64[D]")).any()) or "time" in cols or aware
     return stamps, has_time, aware
-
-
-def _ms_of_day(raw: _Raw, ms: np.ndarray, lines, where: str) -> np.ndarray:
-    """LEAN: milliseconds since local midnight, the date in the file name."""
-    m = re.search(r"(\d{8})", raw.name) or re.search(r"(\d{8})", raw.path.name)
-    if m is None:
-        raise BadInputError(f"{where}: times are milliseconds since midnight but the file name holds no "
-                            "YYYYMMDD date")
-    bad = ~((ms >= 0) & (ms < 86_400_000))
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise BadInputError(f"{where} line {lines[i]}: {ms[i]:g} is not milliseconds since midnight")
-    return np.datetime64(pd.Timestamp(m.group(1)).date(), "ns") + ms.astype("int64").astype("timedelta64[ms]")
-
-
-def _parse_stamps(text: pd.Series, aware: bool, lines, where: str) -> pd.Series:
-    """Parse every value in the format of the first one: a value written otherwise is an error."""
-    first = text.iloc[0]
-    formats = next((f for rx, f in _TIME_FORMATS if re.fullmatch(rx, first)), None)
-    if formats is None:
-        raise BadInputError(f"{where} line {lines[0]}: cannot read {first!r} as a date or time; use "
-                            "YYYY-MM-DD (daily) or YYYY-MM-DD HH:MM:SS (intraday)")
-    parsed = _compact_digits(text, formats[0])
-    if parsed is not None:
-        return parsed
-    fails = None
-    for fmt in formats:
-        parsed = pd.to_datetime(text, format=fmt, errors="coerce", utc=aware)
-        bad = parsed.isna().to_numpy()
-        if not bad.any():
-            return parsed
-        fails = int(np.argmax(bad)) if fails is None else fails
-    raise BadInputError(f"{where} line {lines[fails]}: cannot read {text.iloc[fails]!r} as a date in the format "
-                        f"of line {lines[0]} ({first!r}); write every date the same way")
-
-
-_DIGIT_FIELDS = (("year", 4), ("month", 2), ("day", 2), ("hour", 2), ("minute", 2), ("second", 2))
-
-
-def _compact_digits(text: pd.Series, fmt: str) -> pd.Series | None:
-    """Fast path for YYYYMMDD[hhmm[ss]] stamps (strptime is slow): None when any value does not fit."""
-    width = {"%Y%m%d": 8, "%Y%m%d%H%M": 12, "%Y%m%d%H%M%S": 14}.get(fmt)
-    if width is None or not text.str.fullmatch(r"\d{%d}" % width).all():
-        return None
-    n = text.astype("int64").to_numpy()
-    parts, shift = {}, width
-    for name, w in _DIGIT_FIELDS:
-        if shift == 0:
-            break
-        shift -= w
-        parts[name] = n // 10**shift % 10**w
-    parsed = pd.to_datetime(pd.DataFrame(parts), errors="coerce")
-    return None if parsed.isna().any() else parsed
 
 
 def _kind(opts: _Options, preset: Preset, has_time: bool, cols: dict, where: str) -> str:
@@ -947,6 +676,9 @@ def _group(pieces: list[_Piece], opts: _Options) -> list[_Job]:
             frame = {n: np.concatenate([p.frame.get(n, np.full(len(p.lines), np.nan)) for p in group]) for n in names}
             frame, _ = _dedupe(frame, first.kind, np.concatenate([p.lines for p in group]),
                                f"{sym} ({len(group)} files)")
+            across = sum(len(p.lines) for p in group) - len(frame[next(iter(frame))])
+            if across:
+                group[0].dropped["same row in another file"] = across
         label = f"{first.path}" if len(group) == 1 else f"{sym} from {len(group)} files"
         table = conform(_to_arrow(frame, first.kind), first.kind, label)
         presets = list(dict.fromkeys(p.preset.name for p in group))
@@ -994,9 +726,18 @@ def _write(store: Store, job: _Job, on_conflict: str, planned: list[WriteResult]
         results = _store_write(store, job, on_conflict, dry_run=False)
     warnings = list(dict.fromkeys(w for p in job.pieces for w in p.warnings))
     return SymbolResult(
-        symbol=job.symbol, interval=job.interval, rows=job.table.num_rows,
+        symbol=job.symbol, interval=job.interval, rows=job.table.num_rows, read=sum(p.read for p in job.pieces),
+        dropped=_sum_counts(p.dropped for p in job.pieces),
         added=sum(r.added for r in results), updated=sum(r.updated for r in results),
         unchanged=sum(r.unchanged for r in results),
         partitions=[r.partition for r in results], files=[str(p.path) for p in job.pieces],
         format="+".join(dict.fromkeys(p.preset.name for p in job.pieces)), adjustment=first.adjustment,
         adjusted_as_of=job.adjusted_as_of, units=first.units, alias=alias, warnings=warnings)
+
+
+def _sum_counts(counts) -> dict:
+    total: dict[str, int] = {}
+    for c in counts:
+        for why, n in c.items():
+            total[why] = total.get(why, 0) + n
+    return total

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import random
 import re
 import sys
@@ -38,9 +39,17 @@ from .. import calendars
 from .. import symbols as _symbols
 from ..errors import BadInputError, DownloadError, FintensorError
 from ..store import Store, _date_bound, parse_interval
+from .report import IngestReport
 
 SOURCE = "yahoo"
 OK, NOT_FOUND, RATE_LIMITED, FAILED = "ok", "not_found", "rate_limited", "failed"
+UNREACHABLE = "unreachable"  # DNS failure or connection refused: no network, so no retry and no backoff
+CANNOT_REACH = "cannot reach Yahoo (no network?)"
+#: What a failed DNS lookup or a refused connection says, in curl (yfinance's backend), requests and the OS.
+_UNREACHABLE = re.compile(r"(?i)could not resolve host|couldn't connect to server|connection refused|"
+                          r"name or service not known|temporary failure in name resolution|"
+                          r"network is unreachable|no route to host|failed to establish a new connection|"
+                          r"nameresolutionerror|nodename nor servname")
 INTERVALS = ("1d", "1m", "2m", "5m", "15m", "30m", "60m", "90m")
 #: How far back Yahoo serves intraday bars (days before now).
 WINDOW_DAYS = {"1m": 30, "2m": 60, "5m": 60, "15m": 60, "30m": 60, "90m": 60, "60m": 730}
@@ -82,11 +91,13 @@ class SymbolResult:
 
     @property
     def range(self) -> str:
-        return f"{self.start or '…'}..{self.end or 'now'}"
+        """The requested range as a user would say it: 'all..now' for the full history."""
+        start = "all" if self.start in (None, EARLIEST.isoformat()) else self.start
+        return f"{start}..{self.end or 'now'}"
 
 
 @dataclasses.dataclass
-class DownloadReport:
+class DownloadReport(IngestReport):
     """Per-symbol outcome of ``download``. Partial failure raises nothing; ask ``ok`` or call
     ``raise_for_status()``."""
 
@@ -124,6 +135,9 @@ class DownloadReport:
         bad = self.failed
         if not bad:
             return self
+        if any(r.status == UNREACHABLE for r in bad):
+            raise DownloadError(f"{CANNOT_REACH}: {len(bad)} of {len(self.results)} symbols not downloaded; "
+                                "check the connection and run the same command again", report=self)
         detail = "; ".join(f"{r.symbol}: {r.status.replace('_', ' ')}" + (f" ({r.message})" if r.message else "")
                            for r in bad)
         if all(r.status == NOT_FOUND for r in self.results):
@@ -140,12 +154,18 @@ class DownloadReport:
 
     def table(self) -> str:
         """A per-symbol text table: symbol, status, rows, range, message."""
-        rows = [(r.symbol, r.status, str(r.rows), r.range, r.message) for r in self.results]
+        rows = [(r.symbol, r.status, str(r.rows), r.range, _short(r.message)) for r in self.results]
         head = ("symbol", "status", "rows", "range", "message")
         widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *rows])
 
     __str__ = table
+
+
+def _short(message: str, width: int = 70) -> str:
+    """One table cell: the first sentence of a message, cut to ``width`` characters."""
+    first = message.split(". See ", 1)[0]
+    return first if len(first) <= width else first[: width - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -348,6 +368,7 @@ class _Backoff:
         self.retries, self.sleep, self.clock, self.base, self.cap = retries, sleep, clock, base, cap
         self.deadline = clock() + max_wait
         self.gave_up = False  # a rate limit outlasted the retries: later symbols are not attempted
+        self.unreachable = False  # the host could not be reached: later symbols are not attempted
 
     def call(self, request: Callable[[], pd.DataFrame | None]) -> pd.DataFrame | None:
         """``request()``, retried while its error is transient and the retries and budget allow."""
@@ -363,6 +384,8 @@ class _Backoff:
                     continue
                 if failure.status == RATE_LIMITED:
                     self.gave_up = True
+                if failure.status == UNREACHABLE:
+                    self.unreachable = True
                 raise failure from exc
 
     def _wait(self, attempt: int) -> bool:
@@ -388,6 +411,8 @@ def _classify(exc: BaseException) -> _Failure:
         return _Failure(NOT_FOUND, "Yahoo has no such symbol (HTTP 404); check the spelling")
     if code == 429:
         return _Failure(RATE_LIMITED, "Yahoo is rate-limiting requests (HTTP 429); try again later", retry=True)
+    if _is_unreachable(exc):
+        return _Failure(UNREACHABLE, "DNS lookup failed or connection refused")
     if isinstance(exc, json.JSONDecodeError):
         return _Failure(FAILED, "Yahoo sent a truncated or invalid response", retry=True)
     transient = (code or 0) >= 500 or isinstance(exc, (OSError, TimeoutError, ConnectionError)) \
@@ -396,10 +421,29 @@ def _classify(exc: BaseException) -> _Failure:
     return _Failure(FAILED, f"{type(exc).__name__}: {text}"[:300], retry=transient)
 
 
+def _is_unreachable(exc: BaseException) -> bool:
+    """A DNS failure or a refused connection (not a timeout, not a rate limit): the network is down,
+    so retrying with backoff would only make an offline user wait."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt in chain or len(chain) > 8:
+            break
+        chain.append(nxt)
+    for e in chain:
+        if type(e).__name__ in ("DNSError", "NameResolutionError", "gaierror") or isinstance(e, ConnectionRefusedError):
+            return True
+        if "timed out" not in str(e).lower() and _UNREACHABLE.search(str(e)):
+            return True
+    return False
+
+
 def _fetch(job: _Job, req: _Request, backoff: _Backoff) -> _Fetched | _Failure:
     """Runs in a worker thread: every span of one symbol, all or nothing (a hole would never be refetched)."""
     import yfinance as yf
 
+    if backoff.unreachable:
+        return _Failure(UNREACHABLE, "not attempted: no network")
     if backoff.gave_up:
         return _Failure(RATE_LIMITED, "not attempted: Yahoo kept rate-limiting earlier symbols; try again later")
     try:
@@ -543,6 +587,10 @@ def _yfinance_raising():
 
     previous = yf.config.debug.hide_exceptions
     yf.config.debug.hide_exceptions = False
+    logger = logging.getLogger("yfinance")  # its "Cookie/crumb fetch failed" lines: the report says it all
+    was_disabled, logger.disabled = logger.disabled, True
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)  # its child loggers too
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # pandas 3's Pandas4Warning from yfinance
@@ -550,6 +598,8 @@ def _yfinance_raising():
             yield
     finally:
         yf.config.debug.hide_exceptions = previous
+        logger.disabled = was_disabled
+        logger.setLevel(level)
 
 
 def _forget_responses() -> None:
