@@ -19,6 +19,7 @@ _API = {
     "Store": "store:Store",
     "download": "sources.yahoo:download",
     "import_csv": "sources.files:import_csv",
+    "IngestReport": "sources.report:IngestReport",
     "synthetic": "sources.synthetic:",
     "StockTensor": "tensor:StockTensor",
     "load": "tensor:load",
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # what IDEs and type checkers see: the real objects and signa
     from .metrics import evaluate
     from .sources import synthetic
     from .sources.files import import_csv
+    from .sources.report import IngestReport
     from .sources.yahoo import download
     from .store import Store
     from .tensor import StockTensor, load

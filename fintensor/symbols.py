@@ -94,6 +94,9 @@ def normalize(symbol: str) -> str:
     m = re.fullmatch(r"([A-Z]{1,6})[._]([A-Z])", up)  # class shares: BRK.B, BRK_A -> BRK-B, BRK-A
     if m and m.group(2) not in _SUFFIX:
         return f"{m.group(1)}-{m.group(2)}"
+    if up.startswith("-"):
+        raise BadInputError(f"symbol {s!r} starts with '-'; a symbol starts with a letter, digit or '^' "
+                            "(e.g. AAPL, 600519.SS, ^GSPC)")
     if up.startswith(".") or ".." in up or not _ALLOWED.match(up):
         bad = sorted({c for c in up if not re.match(r"[A-Z0-9.\-=^&]", c)})
         what = f"characters {''.join(bad)!r}" if bad else "a leading or doubled '.'"

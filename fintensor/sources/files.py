@@ -24,17 +24,16 @@ import pyarrow as pa
 from .. import symbols as _symbols
 from ..calendars import parse_date
 from .. import checks
-from ..errors import BadInputError, FintensorError
-from ..store import (DAILY_SCHEMA, NONNEGATIVE, SCHEMAS, Store, WriteResult, conform,
-                     interval_kind, parse_interval)
+from ..errors import BadInputError, FintensorError, StoreWriteError
+from ..schema import (DAILY_SCHEMA, NONNEGATIVE, PRICE_FIELDS, SCHEMAS, VOLUME_FIELDS, interval_kind,
+                      parse_interval)
+from ..store import Store, WriteResult, conform
 from .csv_reader import (_DATA_NAME, MISSING, _detect, _expand, _head, _looks_like_time, _Raw, _read_body,
                          MAX_UNPACKED_BYTES, UNPACKED_FREE, UNPACKED_RATIO)
 from .dates import _OFFSET, _ms_of_day, _parse_stamps
 from .presets import _BY_NAME, ALIASES, IGNORED, PRESET_NAMES, PRESETS, Preset  # noqa: F401 (re-exported)
 from .report import IngestReport, ImportReport, SkippedFilesError, SymbolResult  # noqa: F401 (re-exported)
 
-PRICE_FIELDS = ("open", "high", "low", "close", "adj_close", "pre_close", "dividend", "price", "bid", "ask")
-VOLUME_FIELDS = ("volume", "bid_size", "ask_size")
 _TEXT_FIELDS = ("date", "time", "datetime", "symbol")  # read as text; every other column as numbers
 
 # --------------------------------------------------------------------------------------------- API
@@ -85,8 +84,17 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
         raise BadInputError(f"none of the {len(files)} files could be imported ({why})")
     jobs = _group(pieces, opts)
     planned = [_store_write(st, job, opts.on_conflict, dry_run=True) for job in jobs]  # all checked before any write
-    return ImportReport([_write(st, job, opts.on_conflict, p) for job, p in zip(jobs, planned)], str(st.root),
-                        skipped, not_stored)
+    written: list[SymbolResult] = []
+    for job, plan in zip(jobs, planned):
+        try:
+            written.append(_write(st, job, opts.on_conflict, plan))
+        except StoreWriteError as exc:  # say exactly what is committed; a re-run completes the rest
+            done = [r.symbol for r in written]
+            raise StoreWriteError(
+                f"{exc} — of this import's {len(jobs)} symbol/interval groups, {len(done)} were committed before "
+                f"it ({', '.join(done[:5])}{' ...' if len(done) > 5 else ''}) and are stored; re-run the same "
+                "import to complete it", committed=[*exc.committed]) from None
+    return ImportReport(written, str(st.root), skipped, not_stored)
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -153,7 +161,7 @@ class _Options:
         if date_column is not None and (not isinstance(date_column, str) or not date_column.strip()):
             raise BadInputError(f"date_column must be a column name, not {date_column!r}")
         return cls(
-            symbol=_normalized_option(symbol) if symbol is not None else None,
+            symbol=_symbols.normalize(symbol) if symbol is not None else None,
             alias=symbol.strip() if symbol is not None else None,
             layout=choice("layout", layout, ("auto", "long", "wide", "file")),
             kind=choice("kind", kind, ("auto", "bars", "ticks")),
@@ -167,13 +175,6 @@ class _Options:
             on_conflict=choice("on_conflict", on_conflict, ("error", "keep", "overwrite")),
             date_column=date_column.strip().lower() if date_column else None, date_format=date_format,
         )
-
-
-def _normalized_option(symbol) -> str:
-    if isinstance(symbol, str) and symbol.strip().startswith("-"):
-        raise BadInputError(f"symbol {symbol.strip()!r} starts with '-'; a symbol starts with a letter, digit or "
-                            "'^' (e.g. AAPL, 600519.SS, ^GSPC)")
-    return _symbols.normalize(symbol)
 
 
 def _iso_date(value, what: str) -> str:
@@ -426,9 +427,6 @@ def _symbol_from_name(name: str, lower_ok: bool = False) -> str | None:
 
 
 def _checked_symbol(spelling, where: str, line: int) -> str:
-    if str(spelling).strip().startswith("-"):
-        raise BadInputError(f"{where} line {line}: symbol {str(spelling).strip()!r} starts with '-'; a symbol starts "
-                            "with a letter, digit or '^' (e.g. AAPL, 600519.SS, ^GSPC)")
     try:
         return _symbols.normalize(str(spelling))
     except BadInputError as exc:
@@ -709,7 +707,7 @@ def _store_write(store: Store, job: _Job, on_conflict: str, dry_run: bool) -> li
                   dry_run=dry_run)
     if job.kind == "ticks":
         return store.write_ticks(job.symbol, job.table, timezone=first.timezone, **common)
-    return [store.write_bars(job.symbol, job.table, interval=job.interval, adjustment=first.adjustment,
+    return [store.write_bars(job.symbol, job.table, interval=job.interval, adjust=first.adjustment,
                              adjusted_as_of=job.adjusted_as_of, timezone=first.timezone, **common)]
 
 

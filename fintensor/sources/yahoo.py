@@ -38,7 +38,8 @@ import pyarrow as pa
 from .. import calendars
 from .. import symbols as _symbols
 from ..errors import BadInputError, DownloadError, FintensorError
-from ..store import Store, _date_bound, parse_interval
+from ..schema import parse_interval
+from ..store import Store, _date_bound
 from .report import IngestReport
 
 SOURCE = "yahoo"
@@ -50,7 +51,7 @@ _UNREACHABLE = re.compile(r"(?i)could not resolve host|couldn't connect to serve
                           r"name or service not known|temporary failure in name resolution|"
                           r"network is unreachable|no route to host|failed to establish a new connection|"
                           r"nameresolutionerror|nodename nor servname")
-INTERVALS = ("1d", "1m", "2m", "5m", "15m", "30m", "60m", "90m")
+INTERVALS = ("1d", "1m", "2m", "5m", "15m", "30m", "60m", "1h", "90m")  # 1h = 60m
 #: How far back Yahoo serves intraday bars (days before now).
 WINDOW_DAYS = {"1m": 30, "2m": 60, "5m": 60, "15m": 60, "30m": 60, "90m": 60, "60m": 730}
 #: The first day a user may ask for sits this far inside the window, so the local midnight that starts
@@ -563,7 +564,7 @@ def _write(store: Store, job: _Job, fetched: _Fetched | _Failure, req: _Request,
         on_conflict = "overwrite"  # same source and adjustment, newer adjustment: Yahoo's new values win
     try:
         written = store.write_bars(job.symbol, fetched.bars, interval=req.interval, source=SOURCE,
-                                   adjustment="split", adjusted_as_of=req.now.date().isoformat(),
+                                   adjust="split", adjusted_as_of=req.now.date().isoformat(),
                                    timezone=fetched.timezone, units=UNITS, on_conflict=on_conflict,
                                    alias=res.requested_as)
     except FintensorError as exc:
