@@ -336,3 +336,36 @@ def test_bad_input_is_one_clear_error_exit_2_and_an_unchanged_store(fake_yahoo, 
     assert snapshot(store.root) == before
     if case != "unknown symbol":  # rejected before any request
         assert len(fake_yahoo.requests) == requests
+
+
+# ------------------------------------------------------------------------- a bar still forming
+def test_a_clock_running_ahead_never_stores_a_session_still_trading(fake_yahoo, store, fake_time, monkeypatch):
+    """The machine's clock says the 2024-03-08 session is over (it runs a day ahead), but Yahoo's own clock
+    (its last trade, regularMarketTime) is 14:00 New York time that day: the 03-08 bar is still forming and
+    is not stored; a later download, once Yahoo's clock is past the close, stores it."""
+    from fintensor.sources import yahoo
+
+    bars = session_bars("XNYS", "2024-03-01", "2024-03-08")
+    trading = pd.Timestamp("2024-03-08 14:00", tz=NY).tz_convert("UTC")
+    fake_yahoo.add("AAPL", bars, tz=NY, market_time=trading)
+    monkeypatch.setattr(yahoo, "machine_clock", lambda: pd.Timestamp("2024-03-09 15:00", tz="UTC"))
+    assert fetch(fake_time, "AAPL", "2024-03-01", store=store).ok
+    stored = store.read("AAPL", as_pandas=True)["date"].astype(str).tolist()
+    assert stored == ["2024-03-01", "2024-03-04", "2024-03-05", "2024-03-06", "2024-03-07"]
+
+    closed = pd.Timestamp("2024-03-08 16:00:00", tz=NY).tz_convert("UTC")  # the closing print
+    fake_yahoo.add("AAPL", bars, tz=NY, market_time=closed)
+    assert fetch(fake_time, "AAPL", "2024-03-01", store=store).ok
+    assert store.read("AAPL", as_pandas=True)["date"].astype(str).tolist()[-1] == "2024-03-08"
+
+
+def test_the_local_clock_alone_still_decides_when_it_is_behind(fake_yahoo, store, fake_time, monkeypatch):
+    """Yahoo's clock past the close does not make a day final that this machine has not seen close: the
+    earlier of the two clocks wins."""
+    from fintensor.sources import yahoo
+
+    bars = session_bars("XNYS", "2024-03-01", "2024-03-08")
+    fake_yahoo.add("AAPL", bars, tz=NY, market_time=pd.Timestamp("2024-03-08 16:00:05", tz=NY).tz_convert("UTC"))
+    monkeypatch.setattr(yahoo, "machine_clock", lambda: pd.Timestamp("2024-03-08 15:30", tz=NY).tz_convert("UTC"))
+    assert fetch(fake_time, "AAPL", "2024-03-01", store=store).ok
+    assert store.read("AAPL", as_pandas=True)["date"].astype(str).tolist()[-1] == "2024-03-07"

@@ -78,6 +78,7 @@ class Listing:
     bars: dict[str, pd.DataFrame]
     dividends: dict[pd.Timestamp, float]
     splits: dict[pd.Timestamp, tuple[float, float]]
+    market_time: pd.Timestamp | None = None  # Yahoo's regularMarketTime (its last trade); None: see _meta
 
 
 # ------------------------------------------------------------------------------------------- HTTP
@@ -112,10 +113,14 @@ class FakeYahoo:
 
     # -------------------------------------------------------------------------------- set-up
     def add(self, symbol: str, bars: pd.DataFrame, interval: str = "1d", *, tz: str, currency: str = "USD",
-            dividends: dict | None = None, splits: dict | None = None) -> Listing:
+            dividends: dict | None = None, splits: dict | None = None,
+            market_time: pd.Timestamp | None = None) -> Listing:
         """Serve ``bars`` (UTC-indexed; columns open, high, low, close, volume[, adj_close]) for ``symbol``.
-        ``dividends``/``splits``: {session date: amount / (numerator, denominator)}, stamped like the bar."""
+        ``dividends``/``splits``: {session date: amount / (numerator, denominator)}, stamped like the bar.
+        ``market_time``: the instant of Yahoo's last trade (its ``regularMarketTime``), e.g. mid-session
+        for a day still trading; default: a day after the last bar served (its session is over)."""
         listing = self.listings.setdefault(symbol, Listing(symbol, tz, currency, {}, {}, {}))
+        listing.market_time = market_time
         listing.bars[interval] = bars.sort_index()
         daily = listing.bars.get("1d")
         for target, events in ((listing.dividends, dividends or {}), (listing.splits, splits or {})):
@@ -268,7 +273,8 @@ def _meta(listing: Listing, interval: str, bars: pd.DataFrame) -> dict:
     abbrev = local.tzname()
     meta = {"currency": listing.currency, "symbol": listing.symbol, "exchangeName": "FAKE",
             "fullExchangeName": "Fake Exchange", "instrumentType": "EQUITY", "firstTradeDate": 345479400,
-            "regularMarketTime": int(ref.timestamp()), "hasPrePostMarketData": True, "gmtoffset": offset,
+            "regularMarketTime": int((listing.market_time if listing.market_time is not None
+                                      else ref + pd.Timedelta(days=1)).timestamp()), "hasPrePostMarketData": True, "gmtoffset": offset,
             "timezone": abbrev, "exchangeTimezoneName": tz, "priceHint": 2,
             "dataGranularity": interval, "range": "",
             "validRanges": ["1d", "5d", "1mo", "3mo", "6mo", "1y", "2y", "5y", "10y", "ytd", "max"]}

@@ -51,6 +51,7 @@ _UNREACHABLE = re.compile(r"(?i)could not resolve host|couldn't connect to serve
                           r"name or service not known|temporary failure in name resolution|"
                           r"network is unreachable|no route to host|failed to establish a new connection|"
                           r"nameresolutionerror|nodename nor servname")
+MARKET_TIME_GRACE = pd.Timedelta(minutes=1)  # Yahoo's last-trade stamp vs the calendar's session close
 INTERVALS = ("1d", "1m", "2m", "5m", "15m", "30m", "60m", "1h", "90m")  # 1h = 60m
 #: How far back Yahoo serves intraday bars (days before now).
 WINDOW_DAYS = {"1m": 30, "2m": 60, "5m": 60, "15m": 60, "30m": 60, "90m": 60, "60m": 730}
@@ -255,7 +256,7 @@ def _check(symbols, start, end, interval, retries, max_wait, workers, on_conflic
     if on_conflict not in ("error", "keep", "overwrite"):
         raise BadInputError(f"on_conflict must be 'error', 'keep' or 'overwrite', not {on_conflict!r}")
     lo, hi = _date_bound(start), _date_bound(end)
-    now = pd.Timestamp.now(tz="UTC")
+    now = machine_clock()
     if lo and hi and lo > hi:
         raise BadInputError(f"start {lo} is after end {hi}; swap them")
     if lo and lo > now.date():
@@ -283,6 +284,7 @@ class _Job:
     pieces: list[tuple[pd.Timestamp, pd.Timestamp]]
     refresh: tuple[pd.Timestamp, pd.Timestamp] | None = None  # the whole history, re-requested when
     tail_from: dt.date | None = None  # a split or dividend on or after this day (daily) arrives
+    market_time: pd.Timestamp | None = None  # Yahoo's own clock: its last trade (regularMarketTime)
 
 
 def _plan(store: Store, symbol: str, alias: str, req: _Request) -> _Job:
@@ -450,13 +452,13 @@ def _fetch(job: _Job, req: _Request, backoff: _Backoff) -> _Fetched | _Failure:
     try:
         ticker = yf.Ticker(job.symbol)
         frames = [_request(ticker, job, lo, hi, req, backoff) for lo, hi in _chunks(job.pieces, req.interval)]
-        bars, tz = _bars(frames, req, job.symbol)
+        bars, tz = _bars(frames, req, job.symbol, job.market_time)
         fetched = _Fetched(bars, tz)
         if job.refresh and bars is not None:
             day, kind = _first_action(bars, job.tail_from)
             if day:
                 whole = _request(ticker, job, *job.refresh, req, backoff)
-                fetched = _Fetched(*_bars([whole], req, job.symbol),
+                fetched = _Fetched(*_bars([whole], req, job.symbol, job.market_time),
                                    refreshed=f"history re-requested: a {kind} on {day} "
                                              "changes Yahoo's adjustment of earlier bars")
         return fetched
@@ -493,9 +495,11 @@ def _request(ticker, job: _Job, lo: pd.Timestamp, hi: pd.Timestamp, req: _Reques
     def once():
         job.result.requests += 1
         try:
-            return ticker.history(start=lo.to_pydatetime(), end=hi.to_pydatetime(), interval=req.interval,
+            frame = ticker.history(start=lo.to_pydatetime(), end=hi.to_pydatetime(), interval=req.interval,
                                   auto_adjust=False, actions=True, prepost=False, repair=False, keepna=False,
                                   timeout=req.timeout)
+            _note_market_time(job, ticker)
+            return frame
         except Exception as exc:
             from yfinance.exceptions import YFPricesMissingError
 
@@ -508,9 +512,35 @@ def _request(ticker, job: _Job, lo: pd.Timestamp, hi: pd.Timestamp, req: _Reques
     return backoff.call(once)
 
 
-def _bars(frames, req: _Request, symbol: str) -> tuple[pa.Table | None, str | None]:
+def machine_clock() -> pd.Timestamp:
+    """This machine's time (UTC): one place, so a test can set it ahead."""
+    return pd.Timestamp.now(tz="UTC")
+
+
+def _note_market_time(job: _Job, ticker) -> None:
+    """Remember Yahoo's own clock (the chart meta's regularMarketTime: its last trade), the latest seen."""
+    try:  # the meta of the response just parsed: no request is made
+        stamp = ticker.get_history_metadata().get("regularMarketTime")
+        if stamp is None:
+            return
+        stamp = pd.Timestamp(stamp, unit="s", tz="UTC") if isinstance(stamp, (int, float)) else \
+            pd.Timestamp(stamp).tz_convert("UTC")
+    except Exception:  # noqa: BLE001 - no meta (an old yfinance, an odd response): the local clock alone
+        return
+    if job.market_time is None or stamp > job.market_time:
+        job.market_time = stamp
+
+
+def _bars(frames, req: _Request, symbol: str, market_time: pd.Timestamp | None = None
+          ) -> tuple[pa.Table | None, str | None]:
     """yfinance frames -> an Arrow table in the store's schema: finished bars only, all-NaN rows
-    dropped, times as UTC nanoseconds, days as local dates, everything else float64."""
+    dropped, times as UTC nanoseconds, days as local dates, everything else float64.
+
+    A daily bar is "finished" once its session closed by two clocks, the earlier of which wins: this
+    machine's and the data's own (Yahoo's last trade, ``market_time``, plus a minute for the closing print's
+    stamp). A machine clock running ahead can then never make a session still trading look closed (its bar
+    would be stored as final and never refreshed). Intraday bars are judged by the machine's clock."""
+    now = req.now if market_time is None else min(req.now, market_time + MARKET_TIME_GRACE)
     frames = [f for f in frames if f is not None and len(f)]
     if not frames:
         return None, None
@@ -521,7 +551,7 @@ def _bars(frames, req: _Request, symbol: str) -> tuple[pa.Table | None, str | No
     days = df.index.tz_convert(tz).tz_localize(None).normalize().to_numpy().astype("datetime64[D]")
     columns = {"date": pa.array(days, pa.date32())}
     if req.daily:
-        keep = _finished_days(days, tz, symbol, req.now)
+        keep = _finished_days(days, tz, symbol, now)
     else:
         utc = df.index.tz_convert("UTC").as_unit("ns")
         keep = np.asarray(utc + req.step <= req.now)
