@@ -185,7 +185,7 @@ def add_import(sub, common):
     p.add_argument("--date-column", metavar="NAME", help="the column holding the dates (default: detected)")
     p.add_argument("--date-format", metavar="FMT", help="strptime format of the dates, e.g. %%d/%%m/%%Y")
     p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
-                   help="read sub-folders of a directory (default: on)")
+                   help="read sub-folders of a directory (default: True)")
 
 
 def cmd_import(args) -> int:
