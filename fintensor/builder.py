@@ -112,9 +112,34 @@ def _sessions(calendar: str, own: list[str], start: dt.date, end: dt.date) -> np
     return days
 
 
-def _stored_dates(store: Store, syms: list[str], interval: str, start: dt.date, end: dt.date) -> np.ndarray:
-    """calendar='data': the union of the symbols' stored dates in [start, end]."""
-    dates = [store.read_partition(s, interval, str(start), str(end), ["date"]).column("date")
+#: Which stored adjustment a build converts from when the one it asks for is not stored: the nearest first
+#: (split-adjusted prices need only dividends to become fully adjusted; a fully adjusted series cannot be
+#: undone, so it comes last).
+CONVERT_FROM = {"full": ("split", "raw"), "split": ("raw", "full"), "raw": ("split", "full")}
+
+
+def stored_adjustment(store: Store, sym: str, interval: str, adjust: str) -> str | None:
+    """The stored adjustment of ``sym``'s bars a build with ``adjust`` reads (None: nothing stored).
+
+    The partition in the adjustment asked for when it is stored (raw and forward-adjusted prices of one
+    symbol sit side by side), else the nearest one to convert from (``CONVERT_FROM``). ``'as_stored'``
+    takes the only one stored, and refuses a choice between several with the option that makes it."""
+    stored = store.adjustments(sym, interval)
+    if not stored:
+        return None
+    if adjust == "as_stored":
+        if len(stored) > 1:
+            raise BadInputError(f"{sym} {interval} bars are stored in several adjustments ({', '.join(stored)}), so "
+                                f"adjust='as_stored' cannot choose; pass adjust={stored[0]!r} (CLI: --adjust "
+                                f"{stored[0]})")
+        return stored[0]
+    return next(a for a in (adjust, *CONVERT_FROM[adjust]) if a in stored)
+
+
+def _stored_dates(store: Store, syms: list[str], interval: str, start: dt.date, end: dt.date,
+                  adjusts: dict[str, str]) -> np.ndarray:
+    """calendar='data': the union of the symbols' stored dates in [start, end] (in the adjustments read)."""
+    dates = [store.read_partition(s, interval, str(start), str(end), ["date"], adjust=adjusts[s]).column("date")
              .cast(pa.int32()).to_numpy() for s in syms]
     days = np.unique(np.concatenate(dates)).astype("datetime64[D]") if dates else np.array([], "datetime64[D]")
     if len(days) == 0:
@@ -281,13 +306,14 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
         return _build_intraday(syms, lo, hi, fields, interval, store, calendar, adjust, tdtype, cache)
     fields = _field_list(fields, DAILY_FIELDS)
     store = _as_store(store)
-    manifests = {s: store.manifest(s, interval) for s in syms}
+    chosen = {s: stored_adjustment(store, s, interval, adjust) for s in syms}
+    manifests = {s: None if a is None else store.manifest(s, interval, adjust=a) for s, a in chosen.items()}
     missing = [s for s, m in manifests.items() if m is None]
     if missing:
         raise _missing_error(store, missing, interval, lo, hi)
     if interval == "1d":
         cal, own = _calendar_for(syms, calendar)
-        days = _stored_dates(store, syms, "1d", lo, hi) if cal == _calendars.DATA else _sessions(cal, own, lo, hi)
+        days = _stored_dates(store, syms, "1d", lo, hi, chosen) if cal == _calendars.DATA else _sessions(cal, own, lo, hi)
         range_lo, range_hi = lo, hi
     else:
         if calendar is not None:
@@ -302,7 +328,7 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
     request = dict(kind="build", version=BUILD_VERSION, symbols=syms, start=str(days[0]), end=str(days[-1]),
                    range=[str(range_lo), str(range_hi)], fields=fields, interval=interval, calendar=cal,
                    adjust=adjust, fill=fill_spec, label=label if interval != "1d" else None,
-                   dtype=_dtype_name(tdtype), fingerprint=store.fingerprint(syms, interval))
+                   dtype=_dtype_name(tdtype), fingerprint=store.fingerprint(syms, interval, adjust=chosen))
     read_days = days
     if fill_spec is not None:  # a fill may carry a value from before the range: read that far back
         limit = fill_spec[1]
@@ -313,7 +339,7 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
         if interval != "1d":
             read_days = _periods(interval, first, hi, label)
         elif cal == _calendars.DATA:
-            read_days = _stored_dates(store, syms, "1d", first, hi)
+            read_days = _stored_dates(store, syms, "1d", first, hi, chosen)
         else:
             read_days = _sessions(cal, own, first, hi)
     period = None if interval == "1d" else (interval, label)
@@ -419,7 +445,7 @@ def _symbol_columns(store: Store, sym: str, manifest: dict, days: np.ndarray, fi
     lo = lo if manifest["start"][:10] < lo else None
     hi = hi if manifest["end"][:10] > hi and not convert else None
     interval = "1d" if period is None else period[0]
-    table = store.read_partition(sym, interval, lo, hi, [c for c in DAILY_FIELDS if c in need])
+    table = store.read_partition(sym, interval, lo, hi, [c for c in DAILY_FIELDS if c in need], adjust=stored)
     dates = table.column("date").cast(pa.int32()).to_numpy().astype(np.int64)
     cols = {name: table.column(name).to_numpy().astype(np.float64) for name in need}
     how = f"as stored ({stored})" if adjust == "as_stored" else "stored"
