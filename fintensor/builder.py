@@ -601,9 +601,9 @@ def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
     store = _as_store(store)
     source = _tick_source(store, syms, days, interval, freq_s)
     n_slots = _check_freq(segs, freq_s, freq, cal, partial_last=source != "tick")
+    adjusts = None if source == "tick" else {s: _slot_adjustment(store, s, source, adjust) for s in syms}
     if adjust not in (None, "as_stored"):
-        stored = {"raw"} if source == "tick" else \
-            {(store.manifest(s, source) or {}).get("adjustment") for s in syms} - {None}
+        stored = {"raw"} if source == "tick" else set(adjusts.values())
         if stored and adjust not in stored:
             held = "/".join(sorted(stored))
             raise BadInputError(f"the {source} {'records' if source == 'tick' else 'bars'} are stored "
@@ -611,13 +611,13 @@ def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
                                 f"adjust={sorted(stored)[0]!r} (CLI: --adjust {sorted(stored)[0]}) or "
                                 "adjust='as_stored' (CLI: --adjust as_stored)")
     fingerprint = (store.tick_fingerprint(syms, days[0], days[-1]) if source == "tick"
-                   else store.fingerprint(syms, source))
+                   else store.fingerprint(syms, source, adjust=adjusts))
     request = dict(kind="build_ticks", version=BUILD_VERSION, symbols=syms, start=str(days[0]),
                    end=str(days[-1]), freq=freq_s, fields=fields, calendar=cal, interval=source,
                    dtype=_dtype_name(tdtype), fingerprint=fingerprint)
     return _cached(store, request, cache,
                    lambda: _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, tdtype,
-                                        fingerprint))
+                                        fingerprint, adjusts))
 
 
 def _freq_seconds(freq) -> int:
@@ -650,6 +650,18 @@ def _check_freq(segs: np.ndarray, freq_s: int, freq, cal: str, partial_last: boo
     return lengths[:, :-1].sum(axis=1) // freq_s + -(-lengths[:, -1] // freq_s)
 
 
+def _slot_adjustment(store: Store, sym: str, interval: str, adjust: str | None) -> str:
+    """The stored adjustment of ``sym``'s intraday bars that slots read: the one asked for when stored, the
+    only one stored otherwise (slots never convert; the caller names what is held), or a refusal to guess."""
+    stored = store.adjustments(sym, interval)
+    if adjust in stored:
+        return adjust
+    if len(stored) > 1:
+        raise BadInputError(f"{sym} {interval} bars are stored in several adjustments ({', '.join(stored)}); "
+                            f"say which with adjust={stored[0]!r} (CLI: --adjust {stored[0]})")
+    return stored[0]
+
+
 def _tick_source(store: Store, syms: list[str], days: np.ndarray, interval: str | None, freq_s: int) -> str:
     """'tick' or a bar interval, checked against what the store holds."""
     lo, hi = str(days[0]), str(days[-1])
@@ -661,7 +673,7 @@ def _tick_source(store: Store, syms: list[str], days: np.ndarray, interval: str 
     if interval is None:
         if all(has_ticks(s) for s in syms):
             return "tick"
-        if all(store.manifest(s, "1m") is not None for s in syms):
+        if all(store.adjustments(s, "1m") for s in syms):
             interval = "1m"
         else:
             lacking = [s for s in syms if not has_ticks(s)]
@@ -681,7 +693,7 @@ def _tick_source(store: Store, syms: list[str], days: np.ndarray, interval: str 
     if freq_s % bar_s:
         raise BadInputError(f"freq {freq_s}s is not a multiple of the {iv} bars it is built from; use a "
                             f"multiple of {bar_s}s, or ticks for finer slots")
-    lacking = [s for s in syms if store.manifest(s, iv) is None]
+    lacking = [s for s in syms if not store.adjustments(s, iv)]
     if lacking:
         raise _missing_error(store, lacking, iv, lo, hi)
     return iv
@@ -712,7 +724,8 @@ _TICK_INPUTS = {"price": "close", "close": "close", "open": "open", "high": "hig
                 "volume": "volume", "amount": "amount", "trades": None}
 
 
-def _records(store: Store, sym: str, days: np.ndarray, source: str, needs: set[str]) -> dict[str, np.ndarray]:
+def _records(store: Store, sym: str, days: np.ndarray, source: str, needs: set[str],
+             adjust: str | None = None) -> dict[str, np.ndarray]:
     """time (ns), local date (days) and the ``needs`` among open/high/low/close/volume/amount, time-sorted.
 
     Ticks: each trade's price is its open, high, low and close; amount falls back to price x volume.
@@ -733,7 +746,7 @@ def _records(store: Store, sym: str, days: np.ndarray, source: str, needs: set[s
     else:
         prices = needs & {"open", "high", "low", "close"}
         cols = sorted(prices | ({"close"} if prices else set()) | (needs & {"volume", "amount"}))
-        t = store.read_partition(sym, source, lo, hi, cols or ["close"])
+        t = store.read_partition(sym, source, lo, hi, cols or ["close"], adjust=adjust)
         rec = {n: num(t, n) for n in cols}
         for n in prices - {"close"}:
             rec[n] = np.where(np.isnan(rec[n]), rec["close"], rec[n])
@@ -757,15 +770,15 @@ def _aggregate(rec: dict[str, np.ndarray], starts: np.ndarray, n: int, field: st
     return ufunc.reduceat(x, starts)
 
 
-def _source_name(store: Store, sym: str, source: str) -> str:
+def _source_name(store: Store, sym: str, source: str, adjust: str | None = None) -> str:
     """The vendor recorded in a partition's manifest (any one tick day's for ticks)."""
     if source != "tick":
-        return (store.manifest(sym, source) or {}).get("source", "?")
+        return (store.manifest(sym, source, adjust=adjust) or {}).get("source", "?")
     first = next(iter(sorted(store.partition_dir(sym, kind="ticks").glob("date=*/_manifest.json"))), None)
     return json.loads(first.read_bytes()).get("source", "?") if first else "?"
 
 
-def _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, tdtype, fingerprint):
+def _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, tdtype, fingerprint, adjusts=None):
     D, K, N, F = len(days), int(n_slots.max()), len(syms), len(fields)
     freq_ns = freq_s * _NS
     np_dtype = np.float64 if tdtype == torch.float64 else np.float32
@@ -776,7 +789,7 @@ def _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, 
     dropped = {}
     needs = {_TICK_INPUTS[f] for f in fields} - {None}
     for j, sym in enumerate(syms):
-        rec = _records(store, sym, days, source, needs)
+        rec = _records(store, sym, days, source, needs, None if adjusts is None else adjusts[sym])
         d = np.searchsorted(day_ints, rec["date"])
         ok = (d < D) & (day_ints[np.minimum(d, D - 1)] == rec["date"])
         slot = np.full(len(d), -1, dtype=np.int64)
@@ -812,10 +825,10 @@ def _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, 
     if closed.any():
         values[closed] = np.nan
     mask = np.broadcast_to(traded[..., None], values.shape).copy()
-    sources = sorted({_source_name(store, s, source) for s in syms})
+    sources = sorted({_source_name(store, s, source, None if adjusts is None else adjusts[s]) for s in syms})
     meta: dict[str, Any] = dict(
         source=sources[0] if len(sources) == 1 else sources, interval=source, freq=f"{freq_s}s", calendar=cal,
-        adjustment="raw" if source == "tick" else (store.manifest(syms[0], source) or {}).get("adjustment"),
+        adjustment="raw" if source == "tick" else adjusts[syms[0]],
         auction="folded into the first slot; late prints into the slot before" if fold
         else "records outside the regular session dropped",
         store=str(store.root), store_fingerprint=fingerprint, slots_per_day=n_slots.tolist(),

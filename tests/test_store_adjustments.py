@@ -122,3 +122,21 @@ def test_readme_recipes_build_after_a_raw_import(recipe, n_symbols, shared_data,
         pytest.approx(bs.close.loc["2019-06-03"], rel=1e-6)  # the baostock price, not tushare's raw one
     assert raw_before == _digest(store / "bars" / "interval=1d" / "symbol=000001.SZ" / "adjust=raw")
     assert main(["build", str(REPO / "datasets" / recipe), "--out", str(out), "--store", str(store)]) == 0
+
+
+def test_intraday_slots_read_the_adjustment_asked_for(tmp_path):
+    """1-minute bars of one symbol in two adjustments: slots read the one asked for, and refuse to guess."""
+    store = Store(tmp_path / "store")
+    times = pd.date_range("2019-06-03 13:30", periods=3, freq="1min", tz="UTC")  # 09:30-09:32 New York
+    for adjust, scale in (("raw", 1.0), ("split", 0.25)):
+        bars = pd.DataFrame({"time": times, "close": np.array([100.0, 101.0, 102.0]) * scale,
+                             "volume": [10.0, 20.0, 30.0]})
+        store.write_bars("AAPL", bars, interval="1m", source=f"vendor-{adjust}", adjust=adjust)
+    assert store.adjustments("AAPL", "1m") == ["raw", "split"]
+    for adjust, scale in (("raw", 1.0), ("split", 0.25)):
+        st = ft.build_ticks("AAPL", "2019-06-03", "2019-06-03", freq="1min", fields=["close"], interval="1m",
+                            store=store, adjust=adjust)
+        np.testing.assert_allclose(st.values[0, :3, 0, 0].numpy(), np.array([100.0, 101.0, 102.0]) * scale)
+        assert st.meta["adjustment"] == adjust and st.meta["source"] == f"vendor-{adjust}"
+    with pytest.raises(BadInputError, match=r"several adjustments \(raw, split\).*--adjust raw"):
+        ft.build_ticks("AAPL", "2019-06-03", "2019-06-03", freq="1min", interval="1m", store=store)
