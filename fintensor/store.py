@@ -624,9 +624,16 @@ class Store:
         return table.to_pandas() if as_pandas else table
 
     # ---------------------------------------------------------------------------------- inventory
-    def _manifests(self):
+    def _manifests(self, shadowed: bool = False):
+        """(partition folder, manifest path) of every partition; an old-layout copy of a partition that an
+        interrupted migrate already moved under ``adjust=`` is left out (readers take the new one)."""
         for path in sorted([*self.root.glob("bars/interval=*/symbol=*/_manifest.json"),
                             *self.root.glob("bars/interval=*/symbol=*/adjust=*/_manifest.json")]):
+            if not shadowed and path.parent.name.startswith("symbol=") and \
+                    any(path.parent.glob("adjust=*/_manifest.json")):
+                m = self._load_manifest(path.parent)
+                if m is not None and (path.parent / f"adjust={m['adjustment']}" / "_manifest.json").exists():
+                    continue
             yield path.parent, path
         for path in sorted(self.root.glob("ticks/symbol=*/date=*/_manifest.json")):
             yield path.parent, path
@@ -776,7 +783,7 @@ class Store:
         leaves both, readers take the new one, and the next migrate finishes the job."""
         done = []
         with self.lock():
-            for pdir, _ in list(self._manifests()):
+            for pdir, _ in list(self._manifests(shadowed=True)):
                 old = self._load_manifest(pdir)
                 legacy = old is not None and old["kind"] != "ticks" and pdir.name.startswith("symbol=")
                 if old is None or (old.get("format", 1) >= FORMAT_VERSION and not legacy):
@@ -816,7 +823,7 @@ class Store:
             wanted = None
         else:
             wanted = {_symbols.normalize(s) for s in ([symbols] if isinstance(symbols, str) else symbols)}
-        out, found, seen = [], set(), {}
+        out, found, seen = [], set(), set()
         for pdir, _ in self._manifests():
             m = self._load_manifest(pdir)
             if m is None or (m["kind"] == "ticks") != ticks or (iv is not None and m["interval"] != iv):
@@ -824,11 +831,9 @@ class Store:
             if not ticks and adjust is not None and m["adjustment"] != adjust:
                 continue
             if wanted is None or m["symbol"] in wanted:
-                if not ticks and (m["symbol"], m["interval"]) in seen:
-                    if adjust is None and seen[m["symbol"], m["interval"]] != m["adjustment"]:
-                        raise BadInputError(_ambiguous(m["symbol"], interval, self.adjustments(m["symbol"], iv)))
-                    continue  # an old-layout copy beside its migrated one (interrupted migrate)
-                seen[m["symbol"], m["interval"]] = m["adjustment"]
+                if not ticks and (m["symbol"], m["interval"]) in seen and adjust is None:
+                    raise BadInputError(_ambiguous(m["symbol"], interval, self.adjustments(m["symbol"], iv)))
+                seen.add((m["symbol"], m["interval"]))
                 out.extend(pdir / p["file"] for p in m["parts"])
                 found.add(m["symbol"])
         missing = sorted((wanted or set()) - found)

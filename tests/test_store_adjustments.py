@@ -140,3 +140,22 @@ def test_intraday_slots_read_the_adjustment_asked_for(tmp_path):
         assert st.meta["adjustment"] == adjust and st.meta["source"] == f"vendor-{adjust}"
     with pytest.raises(BadInputError, match=r"several adjustments \(raw, split\).*--adjust raw"):
         ft.build_ticks("AAPL", "2019-06-03", "2019-06-03", freq="1min", interval="1m", store=store)
+
+
+def test_an_interrupted_migrate_reads_the_moved_copy_and_the_next_migrate_finishes(tmp_path, shared_data):
+    """migrate commits the partition under adjust= before it deletes the old-layout copy: a crash between
+    leaves both; readers, list and files take the new one, verify points to migrate, migrate finishes."""
+    store = Store(tmp_path / "store")
+    ft.import_csv(shared_data / TUSHARE / "000001.SZ.csv", store=store)
+    new = store.partition_dir("000001.SZ", adjust="raw")
+    want = store.read("000001.SZ")
+    for f in new.iterdir():  # the old-layout copy a crash after the commit would leave behind
+        (new.parent / f.name).write_bytes(f.read_bytes())
+    assert store.read("000001.SZ").equals(want) and len(store.list()) == 1
+    assert store.files("000001.SZ") == [new / p["file"] for p in store.manifest("000001.SZ")["parts"]]
+    assert [p.message for p in store.verify()] == [
+        "stored in the layout of store format 2 (one adjustment per symbol); run `fintensor cache migrate` to "
+        "move it under adjust="]
+    assert store.migrate() == [] and store.verify() == []
+    assert sorted(f.name for f in new.parent.iterdir()) == ["adjust=raw"]
+    assert store.read("000001.SZ").equals(want)
