@@ -313,7 +313,8 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
         raise _missing_error(store, missing, interval, lo, hi)
     if interval == "1d":
         cal, own = _calendar_for(syms, calendar)
-        days = _stored_dates(store, syms, "1d", lo, hi, chosen) if cal == _calendars.DATA else _sessions(cal, own, lo, hi)
+        days = _stored_dates(store, syms, "1d", lo, hi, chosen) if cal == _calendars.DATA \
+            else _sessions(cal, own, lo, hi)
         range_lo, range_hi = lo, hi
     else:
         if calendar is not None:

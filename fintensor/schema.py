@@ -16,6 +16,9 @@ from .errors import BadInputError
 #: adjustments sit side by side; a format-2 partition directly under ``symbol=X/`` is still read, and
 #: ``fintensor cache migrate`` moves it.
 FORMAT_VERSION = 3
+#: The oldest format whose part files need no rewrite (3 changed only where bars sit, not their content:
+#: a format-2 tick partition is current; a format-2 bars partition is moved, not rewritten, by migrate).
+CONTENT_FORMAT = 2
 F64 = pa.float64()
 #: Instants of intraday bars and ticks in memory (what every reader returns and every writer takes).
 UTC_NS = pa.timestamp("ns", tz="UTC")

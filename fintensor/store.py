@@ -48,8 +48,9 @@ from .calendars import parse_date
 from .errors import (BadInputError, ConflictError, MissingDataError, StoreBusyError,
                      StoreCorruptError, StoreWriteError)
 from .fileio import atomic_write_bytes, fsync_dir, sha256
-from .schema import (ADJUSTMENTS, DAILY_INTERVALS, DAILY_SCHEMA, FORMAT_VERSION, INTRADAY_SCHEMA, KEYS,
-                     NONNEGATIVE, SCHEMAS, TICK_SCHEMA, UTC_NS, UTC_US, interval_kind, parse_interval)
+from .schema import (ADJUSTMENTS, CONTENT_FORMAT, DAILY_INTERVALS, DAILY_SCHEMA, FORMAT_VERSION,
+                     INTRADAY_SCHEMA, KEYS, NONNEGATIVE, SCHEMAS, TICK_SCHEMA, UTC_NS, UTC_US, interval_kind,
+                     parse_interval)
 from .store_checks import (ALIASES_FILE, Problem, _aliases_problem, _canonical, _check_part_metadata,
                            _check_part_rows, _in_memory_instants, _manifest_problem, manifest_bytes)
 from .store_rows import _key_array, _key_json, _key_scalar, _merge_tables, conform, conform_counted
@@ -193,13 +194,14 @@ class Store:
                    timezone: str | None = None, units: dict | None = None,
                    on_conflict: str = "error", alias: str | None = None, dry_run: bool = False,
                    adjustment: str | None = None) -> WriteResult:
-        """Merge bars into ``symbol``'s partition: de-duplicate, keep sorted, report conflicts.
+        """Merge bars into ``symbol``'s partition of adjustment ``adjust``: de-duplicate, keep sorted, report
+        conflicts. Other adjustments of the symbol are other partitions, left as they are.
 
         ``dry_run=True`` raises whatever the write would raise and returns what it would do, writing nothing
         (callers that write many partitions check them all first, so bad input anywhere writes nothing).
 
         ``on_conflict``: "error" (default: raise ConflictError and write nothing), "keep" (stored
-        values win) or "overwrite" (new values win; also replaces a partition of another adjustment).
+        values win) or "overwrite" (new values win; also replaces a partition of another timezone).
         Intraday rows without a ``date`` get the local session date of their ``time``.
         ``adjust`` is the adjustment the prices are in (stored as the manifest's ``adjustment``);
         ``adjustment=`` is its old spelling, accepted until every caller says ``adjust=``.
@@ -478,9 +480,7 @@ class Store:
         ``adjust``: which adjustment of the bars (None: the only one stored; several: BadInputError)."""
         if date is not None:
             return self._load_manifest(self.partition_dir(symbol, date=date, kind="ticks"))
-        pdir = self.partition_dir(symbol, interval, adjust=adjust)
-        return None if (adjust is None and pdir.name.startswith("symbol=") and
-                        not (pdir / "_manifest.json").exists()) else self._load_manifest(pdir)
+        return self._load_manifest(self.partition_dir(symbol, interval, adjust=adjust))
 
     def _read_parts(self, pdir: Path, parts: Sequence[dict], columns: Sequence[str] | None = None,
                     verify: bool = True, *, kind: str) -> pa.Table:
@@ -786,7 +786,7 @@ class Store:
             for pdir, _ in list(self._manifests(shadowed=True)):
                 old = self._load_manifest(pdir)
                 legacy = old is not None and old["kind"] != "ticks" and pdir.name.startswith("symbol=")
-                if old is None or (old.get("format", 1) >= FORMAT_VERSION and not legacy):
+                if old is None or (old.get("format", 1) >= CONTENT_FORMAT and not legacy):
                     continue
                 target = pdir / f"adjust={old['adjustment']}" if legacy else pdir
                 if legacy and (target / "_manifest.json").exists():  # moved by an interrupted migrate

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from .errors import StoreCorruptError
 from .fileio import sha256
-from .schema import FORMAT_VERSION
+from .schema import CONTENT_FORMAT, FORMAT_VERSION
 from .store_checks import ALIASES_FILE, Problem, _check_part_metadata, _check_part_rows, _in_memory_instants
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def _verify_partition(store: Store, pdir: Path, repair: bool) -> list[Problem]:
         if man["kind"] != "ticks" and pdir.name.startswith("symbol="):
             out.append(Problem(str(pdir / "_manifest.json"), "stored in the layout of store format 2 (one "
                                "adjustment per symbol); run `fintensor cache migrate` to move it under adjust="))
-        elif man.get("format", 1) < FORMAT_VERSION:
+        elif man.get("format", 1) < CONTENT_FORMAT:
             out.append(Problem(str(pdir / "_manifest.json"), f"written in store format {man.get('format', 1)} "
                                f"(current {FORMAT_VERSION}); run `fintensor cache migrate` to rewrite it"))
         try:
@@ -198,7 +198,8 @@ def _manifest_changed(store: Store, pdir: Path, man: dict) -> bool:
 
 def _verify_removals(root: Path, repair: bool) -> list[Problem]:
     out = []
-    for junk in sorted({*root.glob("bars/*/.trash-*"), *root.glob("bars/*/*/.trash-*"), *root.glob("ticks/.trash-*"), *root.glob("ticks/*/.trash-*")}):
+    trash = ("bars/*/.trash-*", "bars/*/*/.trash-*", "ticks/.trash-*", "ticks/*/.trash-*")
+    for junk in sorted({p for pattern in trash for p in root.glob(pattern)}):
         if repair:
             if junk.is_symlink() or not junk.is_dir():
                 junk.unlink(missing_ok=True)  # a link is removed, never followed

@@ -47,7 +47,8 @@ def both(tmp_path, shared_data) -> Store:
     store = Store(tmp_path / "store")
     ft.import_csv(shared_data / TUSHARE, store=store)
     ft.import_csv([shared_data / BAOSTOCK / f"{s}.csv" for s in SYMBOLS], store=store)
-    ft.import_csv(shared_data / "cn_intraday_tick/hikyuu/trans_tick_2019-02-01_2019-02-11.csv.gz", store=store, kind="ticks")
+    ft.import_csv(shared_data / "cn_intraday_tick/hikyuu/trans_tick_2019-02-01_2019-02-11.csv.gz", store=store,
+                  kind="ticks")
     return store
 
 
