@@ -112,9 +112,34 @@ def _sessions(calendar: str, own: list[str], start: dt.date, end: dt.date) -> np
     return days
 
 
-def _stored_dates(store: Store, syms: list[str], interval: str, start: dt.date, end: dt.date) -> np.ndarray:
-    """calendar='data': the union of the symbols' stored dates in [start, end]."""
-    dates = [store.read_partition(s, interval, str(start), str(end), ["date"]).column("date")
+#: Which stored adjustment a build converts from when the one it asks for is not stored: the nearest first
+#: (split-adjusted prices need only dividends to become fully adjusted; a fully adjusted series cannot be
+#: undone, so it comes last).
+CONVERT_FROM = {"full": ("split", "raw"), "split": ("raw", "full"), "raw": ("split", "full")}
+
+
+def stored_adjustment(store: Store, sym: str, interval: str, adjust: str) -> str | None:
+    """The stored adjustment of ``sym``'s bars a build with ``adjust`` reads (None: nothing stored).
+
+    The partition in the adjustment asked for when it is stored (raw and forward-adjusted prices of one
+    symbol sit side by side), else the nearest one to convert from (``CONVERT_FROM``). ``'as_stored'``
+    takes the only one stored, and refuses a choice between several with the option that makes it."""
+    stored = store.adjustments(sym, interval)
+    if not stored:
+        return None
+    if adjust == "as_stored":
+        if len(stored) > 1:
+            raise BadInputError(f"{sym} {interval} bars are stored in several adjustments ({', '.join(stored)}), so "
+                                f"adjust='as_stored' cannot choose; pass adjust={stored[0]!r} (CLI: --adjust "
+                                f"{stored[0]})")
+        return stored[0]
+    return next(a for a in (adjust, *CONVERT_FROM[adjust]) if a in stored)
+
+
+def _stored_dates(store: Store, syms: list[str], interval: str, start: dt.date, end: dt.date,
+                  adjusts: dict[str, str]) -> np.ndarray:
+    """calendar='data': the union of the symbols' stored dates in [start, end] (in the adjustments read)."""
+    dates = [store.read_partition(s, interval, str(start), str(end), ["date"], adjust=adjusts[s]).column("date")
              .cast(pa.int32()).to_numpy() for s in syms]
     days = np.unique(np.concatenate(dates)).astype("datetime64[D]") if dates else np.array([], "datetime64[D]")
     if len(days) == 0:
@@ -281,13 +306,15 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
         return _build_intraday(syms, lo, hi, fields, interval, store, calendar, adjust, tdtype, cache)
     fields = _field_list(fields, DAILY_FIELDS)
     store = _as_store(store)
-    manifests = {s: store.manifest(s, interval) for s in syms}
+    chosen = {s: stored_adjustment(store, s, interval, adjust) for s in syms}
+    manifests = {s: None if a is None else store.manifest(s, interval, adjust=a) for s, a in chosen.items()}
     missing = [s for s, m in manifests.items() if m is None]
     if missing:
         raise _missing_error(store, missing, interval, lo, hi)
     if interval == "1d":
         cal, own = _calendar_for(syms, calendar)
-        days = _stored_dates(store, syms, "1d", lo, hi) if cal == _calendars.DATA else _sessions(cal, own, lo, hi)
+        days = _stored_dates(store, syms, "1d", lo, hi, chosen) if cal == _calendars.DATA \
+            else _sessions(cal, own, lo, hi)
         range_lo, range_hi = lo, hi
     else:
         if calendar is not None:
@@ -302,7 +329,7 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
     request = dict(kind="build", version=BUILD_VERSION, symbols=syms, start=str(days[0]), end=str(days[-1]),
                    range=[str(range_lo), str(range_hi)], fields=fields, interval=interval, calendar=cal,
                    adjust=adjust, fill=fill_spec, label=label if interval != "1d" else None,
-                   dtype=_dtype_name(tdtype), fingerprint=store.fingerprint(syms, interval))
+                   dtype=_dtype_name(tdtype), fingerprint=store.fingerprint(syms, interval, adjust=chosen))
     read_days = days
     if fill_spec is not None:  # a fill may carry a value from before the range: read that far back
         limit = fill_spec[1]
@@ -313,7 +340,7 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
         if interval != "1d":
             read_days = _periods(interval, first, hi, label)
         elif cal == _calendars.DATA:
-            read_days = _stored_dates(store, syms, "1d", first, hi)
+            read_days = _stored_dates(store, syms, "1d", first, hi, chosen)
         else:
             read_days = _sessions(cal, own, first, hi)
     period = None if interval == "1d" else (interval, label)
@@ -419,7 +446,7 @@ def _symbol_columns(store: Store, sym: str, manifest: dict, days: np.ndarray, fi
     lo = lo if manifest["start"][:10] < lo else None
     hi = hi if manifest["end"][:10] > hi and not convert else None
     interval = "1d" if period is None else period[0]
-    table = store.read_partition(sym, interval, lo, hi, [c for c in DAILY_FIELDS if c in need])
+    table = store.read_partition(sym, interval, lo, hi, [c for c in DAILY_FIELDS if c in need], adjust=stored)
     dates = table.column("date").cast(pa.int32()).to_numpy().astype(np.int64)
     cols = {name: table.column(name).to_numpy().astype(np.float64) for name in need}
     how = f"as stored ({stored})" if adjust == "as_stored" else "stored"
@@ -575,9 +602,9 @@ def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
     store = _as_store(store)
     source = _tick_source(store, syms, days, interval, freq_s)
     n_slots = _check_freq(segs, freq_s, freq, cal, partial_last=source != "tick")
+    adjusts = None if source == "tick" else {s: _slot_adjustment(store, s, source, adjust) for s in syms}
     if adjust not in (None, "as_stored"):
-        stored = {"raw"} if source == "tick" else \
-            {(store.manifest(s, source) or {}).get("adjustment") for s in syms} - {None}
+        stored = {"raw"} if source == "tick" else set(adjusts.values())
         if stored and adjust not in stored:
             held = "/".join(sorted(stored))
             raise BadInputError(f"the {source} {'records' if source == 'tick' else 'bars'} are stored "
@@ -585,13 +612,13 @@ def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
                                 f"adjust={sorted(stored)[0]!r} (CLI: --adjust {sorted(stored)[0]}) or "
                                 "adjust='as_stored' (CLI: --adjust as_stored)")
     fingerprint = (store.tick_fingerprint(syms, days[0], days[-1]) if source == "tick"
-                   else store.fingerprint(syms, source))
+                   else store.fingerprint(syms, source, adjust=adjusts))
     request = dict(kind="build_ticks", version=BUILD_VERSION, symbols=syms, start=str(days[0]),
                    end=str(days[-1]), freq=freq_s, fields=fields, calendar=cal, interval=source,
                    dtype=_dtype_name(tdtype), fingerprint=fingerprint)
     return _cached(store, request, cache,
                    lambda: _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, tdtype,
-                                        fingerprint))
+                                        fingerprint, adjusts))
 
 
 def _freq_seconds(freq) -> int:
@@ -624,6 +651,18 @@ def _check_freq(segs: np.ndarray, freq_s: int, freq, cal: str, partial_last: boo
     return lengths[:, :-1].sum(axis=1) // freq_s + -(-lengths[:, -1] // freq_s)
 
 
+def _slot_adjustment(store: Store, sym: str, interval: str, adjust: str | None) -> str:
+    """The stored adjustment of ``sym``'s intraday bars that slots read: the one asked for when stored, the
+    only one stored otherwise (slots never convert; the caller names what is held), or a refusal to guess."""
+    stored = store.adjustments(sym, interval)
+    if adjust in stored:
+        return adjust
+    if len(stored) > 1:
+        raise BadInputError(f"{sym} {interval} bars are stored in several adjustments ({', '.join(stored)}); "
+                            f"say which with adjust={stored[0]!r} (CLI: --adjust {stored[0]})")
+    return stored[0]
+
+
 def _tick_source(store: Store, syms: list[str], days: np.ndarray, interval: str | None, freq_s: int) -> str:
     """'tick' or a bar interval, checked against what the store holds."""
     lo, hi = str(days[0]), str(days[-1])
@@ -635,7 +674,7 @@ def _tick_source(store: Store, syms: list[str], days: np.ndarray, interval: str 
     if interval is None:
         if all(has_ticks(s) for s in syms):
             return "tick"
-        if all(store.manifest(s, "1m") is not None for s in syms):
+        if all(store.adjustments(s, "1m") for s in syms):
             interval = "1m"
         else:
             lacking = [s for s in syms if not has_ticks(s)]
@@ -655,7 +694,7 @@ def _tick_source(store: Store, syms: list[str], days: np.ndarray, interval: str 
     if freq_s % bar_s:
         raise BadInputError(f"freq {freq_s}s is not a multiple of the {iv} bars it is built from; use a "
                             f"multiple of {bar_s}s, or ticks for finer slots")
-    lacking = [s for s in syms if store.manifest(s, iv) is None]
+    lacking = [s for s in syms if not store.adjustments(s, iv)]
     if lacking:
         raise _missing_error(store, lacking, iv, lo, hi)
     return iv
@@ -686,7 +725,8 @@ _TICK_INPUTS = {"price": "close", "close": "close", "open": "open", "high": "hig
                 "volume": "volume", "amount": "amount", "trades": None}
 
 
-def _records(store: Store, sym: str, days: np.ndarray, source: str, needs: set[str]) -> dict[str, np.ndarray]:
+def _records(store: Store, sym: str, days: np.ndarray, source: str, needs: set[str],
+             adjust: str | None = None) -> dict[str, np.ndarray]:
     """time (ns), local date (days) and the ``needs`` among open/high/low/close/volume/amount, time-sorted.
 
     Ticks: each trade's price is its open, high, low and close; amount falls back to price x volume.
@@ -707,7 +747,7 @@ def _records(store: Store, sym: str, days: np.ndarray, source: str, needs: set[s
     else:
         prices = needs & {"open", "high", "low", "close"}
         cols = sorted(prices | ({"close"} if prices else set()) | (needs & {"volume", "amount"}))
-        t = store.read_partition(sym, source, lo, hi, cols or ["close"])
+        t = store.read_partition(sym, source, lo, hi, cols or ["close"], adjust=adjust)
         rec = {n: num(t, n) for n in cols}
         for n in prices - {"close"}:
             rec[n] = np.where(np.isnan(rec[n]), rec["close"], rec[n])
@@ -731,15 +771,15 @@ def _aggregate(rec: dict[str, np.ndarray], starts: np.ndarray, n: int, field: st
     return ufunc.reduceat(x, starts)
 
 
-def _source_name(store: Store, sym: str, source: str) -> str:
+def _source_name(store: Store, sym: str, source: str, adjust: str | None = None) -> str:
     """The vendor recorded in a partition's manifest (any one tick day's for ticks)."""
     if source != "tick":
-        return (store.manifest(sym, source) or {}).get("source", "?")
+        return (store.manifest(sym, source, adjust=adjust) or {}).get("source", "?")
     first = next(iter(sorted(store.partition_dir(sym, kind="ticks").glob("date=*/_manifest.json"))), None)
     return json.loads(first.read_bytes()).get("source", "?") if first else "?"
 
 
-def _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, tdtype, fingerprint):
+def _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, tdtype, fingerprint, adjusts=None):
     D, K, N, F = len(days), int(n_slots.max()), len(syms), len(fields)
     freq_ns = freq_s * _NS
     np_dtype = np.float64 if tdtype == torch.float64 else np.float32
@@ -750,7 +790,7 @@ def _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, 
     dropped = {}
     needs = {_TICK_INPUTS[f] for f in fields} - {None}
     for j, sym in enumerate(syms):
-        rec = _records(store, sym, days, source, needs)
+        rec = _records(store, sym, days, source, needs, None if adjusts is None else adjusts[sym])
         d = np.searchsorted(day_ints, rec["date"])
         ok = (d < D) & (day_ints[np.minimum(d, D - 1)] == rec["date"])
         slot = np.full(len(d), -1, dtype=np.int64)
@@ -786,10 +826,10 @@ def _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, 
     if closed.any():
         values[closed] = np.nan
     mask = np.broadcast_to(traded[..., None], values.shape).copy()
-    sources = sorted({_source_name(store, s, source) for s in syms})
+    sources = sorted({_source_name(store, s, source, None if adjusts is None else adjusts[s]) for s in syms})
     meta: dict[str, Any] = dict(
         source=sources[0] if len(sources) == 1 else sources, interval=source, freq=f"{freq_s}s", calendar=cal,
-        adjustment="raw" if source == "tick" else (store.manifest(syms[0], source) or {}).get("adjustment"),
+        adjustment="raw" if source == "tick" else adjusts[syms[0]],
         auction="folded into the first slot; late prints into the slot before" if fold
         else "records outside the regular session dropped",
         store=str(store.root), store_fingerprint=fingerprint, slots_per_day=n_slots.tolist(),

@@ -213,6 +213,7 @@ def add_cache(sub, common):
                                                  "SUBCOMMAND --help` for more.", HELP_WIDTH - 4),
                        epilog=_examples("fintensor cache list --store ./store", "fintensor cache info 600519.SS",
                                         "fintensor cache verify --repair", "fintensor cache rm AAPL --interval 1m",
+                                        "fintensor cache rm 000001.SZ --interval 1d --adjust raw",
                                         "fintensor cache files AAPL MSFT --interval 1d", "fintensor cache migrate"))
     csub = p.add_subparsers(dest="cache_cmd", metavar="{list,info,verify,rm,files,migrate}", required=True)
 
@@ -222,7 +223,7 @@ def add_cache(sub, common):
                                epilog=_examples(*examples), formatter_class=_Formatter)
 
     cache_command("list", "symbols, intervals, ranges, rows, sources",
-                  "One row per stored symbol and interval: first and last date, rows, source, adjustment.",
+                  "One row per stored symbol, interval and adjustment: first and last date, rows, source.",
                   "fintensor cache list", "fintensor cache list --json --store ./store")
     q = cache_command("info", "every manifest stored for a symbol",
                       "Every manifest stored for SYMBOL: rows, range, source, adjustment, timezone, units, "
@@ -235,10 +236,15 @@ def add_cache(sub, common):
                    help="remove leftovers of interrupted writes (a partition without a manifest is moved to "
                         ".quarantine, never deleted)")
     q = cache_command("rm", "remove a symbol (all intervals unless --interval)",
-                      "Remove a symbol's stored data: every interval and its ticks, or only --interval.",
-                      "fintensor cache rm AAPL", "fintensor cache rm 000001.SZ --interval tick")
+                      "Remove a symbol's stored data: every interval, adjustment and its ticks, or only "
+                      "--interval, or only the bars in one --adjust (the symbol's other adjustments, intervals "
+                      "and ticks stay as they are).",
+                      "fintensor cache rm AAPL", "fintensor cache rm 000001.SZ --interval tick",
+                      "fintensor cache rm 000001.SZ --interval 1d --adjust raw")
     q.add_argument("symbol", help="any common spelling")
     q.add_argument("--interval", default=None, help="only this interval ('tick' for ticks; default: all)")
+    q.add_argument("--adjust", default=None, choices=("raw", "split", "full"),
+                   help="only the bars stored in this adjustment (default: every adjustment)")
     q = cache_command("files", "the committed Parquet parts, one path per line",
                       "The committed Parquet parts of SYMBOLs (default: every stored one), one path per line: "
                       "hand these to DuckDB, Polars, Spark or Ray instead of globbing a folder, which would also "
@@ -247,9 +253,12 @@ def add_cache(sub, common):
                       "fintensor cache files --interval tick --json > parts.json")
     q.add_argument("symbols", nargs="*", metavar="SYMBOL", help="symbols (default: every stored one)")
     q.add_argument("--interval", default="1d", help="bar interval, or 'tick' (default: 1d)")
+    q.add_argument("--adjust", default=None, choices=("raw", "split", "full"),
+                   help="bars stored in this adjustment (default: each symbol's only one)")
     cache_command("migrate", "rewrite an older store format in the current one",
-                  "Rewrite every partition written by an older fintensor (nanosecond timestamps) in the current "
-                  "format, one partition at a time, atomically; old stores stay readable until then.",
+                  "Rewrite every partition written by an older fintensor (nanosecond timestamps, one adjustment "
+                  "per symbol folder) in the current format (bars under symbol=X/adjust=A/), one partition at a "
+                  "time, atomically; old stores stay readable until then.",
                   "fintensor cache migrate", "fintensor cache migrate --store ./store")
 
 
@@ -294,7 +303,7 @@ def cmd_cache(args) -> int:
             print("\n".join(map(str, bad)), file=sys.stderr)
         return EXIT_FAILURE if bad else EXIT_OK
     if args.cache_cmd == "files":
-        paths = [str(p) for p in store.files(args.symbols or None, args.interval)]
+        paths = [str(p) for p in store.files(args.symbols or None, args.interval, adjust=args.adjust)]
         _emit(args, paths, "\n".join(paths) if paths else None)
         return EXIT_OK
     if args.cache_cmd == "migrate":
@@ -302,8 +311,9 @@ def cmd_cache(args) -> int:
         _emit(args, {"migrated": done}, "\n".join([*done, f"migrated {len(done)} partition(s) in {store.root}"]))
         return EXIT_OK
     if args.cache_cmd == "rm":
-        n = store.remove(args.symbol, args.interval)
-        _emit(args, {"removed": n}, f"removed {n} partition(s) of {args.symbol}")
+        n = store.remove(args.symbol, args.interval, adjust=args.adjust)
+        what = f" ({args.adjust}-adjusted bars)" if args.adjust else ""
+        _emit(args, {"removed": n}, f"removed {n} partition(s) of {args.symbol}{what}")
         return EXIT_OK
     raise AssertionError(args.cache_cmd)
 

@@ -151,6 +151,9 @@ class Recipe:
 
     def build(self, store=None, cache: bool = True, quiet: bool = True):
         """The tensor this recipe names; data the store lacks comes from [source] when there is one."""
+        if self.files and self._lacks_adjustment(store):  # local files only: never a download per build
+            self.fetch(store, quiet=quiet)  # e.g. raw prices stored, the recipe's source is forward-adjusted
+            return self._build(store, cache)
         try:
             return self._build(store, cache)
         except MissingDataError:
@@ -158,6 +161,19 @@ class Recipe:
                 raise
         self.fetch(store, quiet=quiet)
         return self._build(store, cache)
+
+    def _lacks_adjustment(self, store) -> bool:
+        """Whether a symbol's bars are stored, but not in the adjustment this recipe asks for (its source
+        then is imported beside them rather than converting, or failing to convert, what is stored)."""
+        from .builder import _as_store
+
+        want = self.adjust or "full"
+        if self.ticks or want == "as_stored":
+            return False
+        st = _as_store(store)
+        interval = self.interval or "1d"
+        held = [st.adjustments(s, interval) for s in self.symbols]
+        return any(h and want not in h for h in held)
 
     def _build(self, store, cache: bool):
         import torch

@@ -12,7 +12,13 @@ from .errors import BadInputError
 #: Version of the on-disk layout. 2: intraday and tick ``time`` stored as ``timestamp[us, UTC]``
 #: (Spark refuses nanosecond Parquet timestamps); stores of version 1 (nanoseconds) are still read,
 #: and ``fintensor cache migrate`` rewrites them.
-FORMAT_VERSION = 2
+#: 3: bars of one symbol and interval partitioned by adjustment (``symbol=X/adjust=raw/``), so several
+#: adjustments sit side by side; a format-2 partition directly under ``symbol=X/`` is still read, and
+#: ``fintensor cache migrate`` moves it.
+FORMAT_VERSION = 3
+#: The oldest format whose part files need no rewrite (3 changed only where bars sit, not their content:
+#: a format-2 tick partition is current; a format-2 bars partition is moved, not rewritten, by migrate).
+CONTENT_FORMAT = 2
 F64 = pa.float64()
 #: Instants of intraday bars and ticks in memory (what every reader returns and every writer takes).
 UTC_NS = pa.timestamp("ns", tz="UTC")

@@ -2,10 +2,16 @@
 
 Layout (``root`` = ``$FINTENSOR_HOME`` or the platform's user cache dir)::
 
-    bars/interval=1d/symbol=AAPL/part-<id>.parquet      daily bars, keyed by exchange-local session date
-    bars/interval=1m/symbol=AAPL/part-<id>.parquet      intraday bars, keyed by UTC instant
+    bars/interval=1d/symbol=AAPL/adjust=split/part-<id>.parquet   daily bars, keyed by exchange-local session date
+    bars/interval=1d/symbol=AAPL/adjust=full/part-<id>.parquet    the same symbol in another adjustment, side by side
+    bars/interval=1m/symbol=AAPL/adjust=raw/part-<id>.parquet     intraday bars, keyed by UTC instant
     ticks/symbol=000001.SZ/date=2019-02-01/part-<id>.parquet
     <each partition>/_manifest.json                    source, range, rows, adjustment, tz, checksums
+
+Bars of one symbol and interval in different adjustments (raw prices from one vendor, forward-adjusted
+from another) are separate partitions and never conflict; sources of the same adjustment merge into one.
+Stores of format <= 2 kept one partition per symbol and interval directly under ``symbol=X/``; such a
+partition is still read (as its manifest's adjustment) and ``migrate()`` moves it under ``adjust=``.
 
 A partition is a set of immutable part files plus the manifest that lists them. The manifest is the
 commit point: new parts are written aside, fsynced and renamed in, then the manifest is replaced
@@ -42,8 +48,9 @@ from .calendars import parse_date
 from .errors import (BadInputError, ConflictError, MissingDataError, StoreBusyError,
                      StoreCorruptError, StoreWriteError)
 from .fileio import atomic_write_bytes, fsync_dir, sha256
-from .schema import (ADJUSTMENTS, DAILY_INTERVALS, DAILY_SCHEMA, FORMAT_VERSION, INTRADAY_SCHEMA, KEYS,
-                     NONNEGATIVE, SCHEMAS, TICK_SCHEMA, UTC_NS, UTC_US, interval_kind, parse_interval)
+from .schema import (ADJUSTMENTS, CONTENT_FORMAT, DAILY_INTERVALS, DAILY_SCHEMA, FORMAT_VERSION,
+                     INTRADAY_SCHEMA, KEYS, NONNEGATIVE, SCHEMAS, TICK_SCHEMA, UTC_NS, UTC_US, interval_kind,
+                     parse_interval)
 from .store_checks import (ALIASES_FILE, Problem, _aliases_problem, _canonical, _check_part_metadata,
                            _check_part_rows, _in_memory_instants, _manifest_problem, manifest_bytes)
 from .store_rows import _key_array, _key_json, _key_scalar, _merge_tables, conform, conform_counted
@@ -143,13 +150,43 @@ class Store:
 
     # ------------------------------------------------------------------------------------- paths
     def partition_dir(self, symbol: str, interval: str = "1d", date: str | dt.date | None = None,
-                      kind: str | None = None) -> Path:
+                      kind: str | None = None, adjust: str | None = None) -> Path:
+        """The folder of a partition. Bars: ``adjust=`` picks the adjustment; None means the only one
+        stored (several: BadInputError naming the option); with none stored, the symbol's folder."""
         seg = _symbols.path_segment(symbol)
         if kind == "ticks":
             if date is None:
                 return self.root / "ticks" / f"symbol={seg}"
             return self.root / "ticks" / f"symbol={seg}" / f"date={_iso(date)}"
-        return self.root / "bars" / f"interval={parse_interval(interval)}" / f"symbol={seg}"
+        base = self.root / "bars" / f"interval={parse_interval(interval)}" / f"symbol={seg}"
+        stored = self._bar_dirs(base)
+        if adjust is not None:
+            _check_adjust(adjust)
+            return stored.get(adjust, base / f"adjust={adjust}")
+        if len(stored) > 1:
+            raise BadInputError(_ambiguous(symbol, interval, stored))
+        return next(iter(stored.values()), base)
+
+    def _bar_dirs(self, base: Path) -> dict[str, Path]:
+        """A symbol's stored bar partitions at one interval by adjustment: its ``adjust=`` folders, and a
+        partition of the format-2 layout (directly in ``base``) under its manifest's adjustment when no
+        ``adjust=`` folder holds that one (after an interrupted migrate, the new copy wins)."""
+        out: dict[str, Path] = {}
+        if not base.is_dir():
+            return out
+        for d in sorted(base.glob("adjust=*")):
+            if (d / "_manifest.json").exists():
+                out[d.name[len("adjust="):]] = d
+        if (base / "_manifest.json").exists():
+            legacy = self._load_manifest(base)
+            if legacy is not None:
+                out.setdefault(legacy["adjustment"], base)
+        return dict(sorted(out.items()))
+
+    def adjustments(self, symbol: str, interval: str = "1d") -> list[str]:
+        """The adjustments stored for ``symbol``'s bars at ``interval`` (e.g. ['full', 'raw'])."""
+        seg = _symbols.path_segment(_symbols.normalize(symbol))
+        return list(self._bar_dirs(self.root / "bars" / f"interval={parse_interval(interval)}" / f"symbol={seg}"))
 
     # ------------------------------------------------------------------------------------ writing
     def write_bars(self, symbol: str, data, *, interval: str = "1d", source: str,
@@ -157,13 +194,14 @@ class Store:
                    timezone: str | None = None, units: dict | None = None,
                    on_conflict: str = "error", alias: str | None = None, dry_run: bool = False,
                    adjustment: str | None = None) -> WriteResult:
-        """Merge bars into ``symbol``'s partition: de-duplicate, keep sorted, report conflicts.
+        """Merge bars into ``symbol``'s partition of adjustment ``adjust``: de-duplicate, keep sorted, report
+        conflicts. Other adjustments of the symbol are other partitions, left as they are.
 
         ``dry_run=True`` raises whatever the write would raise and returns what it would do, writing nothing
         (callers that write many partitions check them all first, so bad input anywhere writes nothing).
 
         ``on_conflict``: "error" (default: raise ConflictError and write nothing), "keep" (stored
-        values win) or "overwrite" (new values win; also replaces a partition of another adjustment).
+        values win) or "overwrite" (new values win; also replaces a partition of another timezone).
         Intraday rows without a ``date`` get the local session date of their ``time``.
         ``adjust`` is the adjustment the prices are in (stored as the manifest's ``adjustment``);
         ``adjustment=`` is its old spelling, accepted until every caller says ``adjust=``.
@@ -186,7 +224,12 @@ class Store:
         meta = dict(kind=kind, symbol=sym, interval=interval, source=source, adjustment=adjust,
                     adjusted_as_of=adjusted_as_of, timezone=tz,
                     units=units or {"volume": "shares", "price_scale": 1})
-        pdir = self.partition_dir(sym, interval)
+        pdir = self.partition_dir(sym, interval, adjust=adjust)
+        legacy = pdir.parent / "_manifest.json" if pdir.name.startswith("adjust=") else None
+        if legacy is not None and legacy.exists():
+            raise BadInputError(f"{sym} {interval}: the store holds it in the layout of an older fintensor (one "
+                                f"adjustment per symbol); run `fintensor cache migrate` (Store.migrate()) first, "
+                                f"then store {adjust!r} prices beside it; nothing was written")
         if dry_run:  # no lock: a writer may commit meanwhile, and the plan starts again from its manifest
             return dataclasses.replace(_lock_free(lambda: self._plan(pdir, table, meta, on_conflict).result, pdir),
                                        rounded=rounded)
@@ -249,7 +292,8 @@ class Store:
             raise ConflictError(
                 f"{label}: the store holds {f} {old.get(f)!r} (source {old.get('source')}), the new rows are "
                 f"{meta.get(f)!r}; nothing was written. Remove the stored data first "
-                f"(fintensor cache rm {meta['symbol']}) or pass on_conflict='overwrite' (CLI: --on-conflict "
+                f"(fintensor cache rm {meta['symbol']} --interval {meta['interval']} --adjust "
+                f"{old.get('adjustment')}) or pass on_conflict='overwrite' (CLI: --on-conflict "
                 "overwrite)")
         if differs:  # overwrite across adjustments/timezones: the new rows replace the partition
             result.added = table.num_rows
@@ -294,7 +338,10 @@ class Store:
         if len(parts) >= MAX_PARTS:  # compact: keep reads cheap after many appends
             table = pa.concat_tables([self._read_parts(pdir, parts, kind=kind), table])
             parts = []
-        new_dir = not pdir.exists()
+        new_dir = pdir
+        while not new_dir.parent.exists():  # the topmost folder this write creates (removed if it fails)
+            new_dir = new_dir.parent
+        new_dir = None if pdir.exists() else new_dir
         pdir.mkdir(parents=True, exist_ok=True)
         new_part = None
         try:
@@ -305,8 +352,8 @@ class Store:
         except OSError:  # not committed: take back what this write added (we hold the lock)
             if new_part is not None:
                 (pdir / new_part["file"]).unlink(missing_ok=True)
-            if new_dir:
-                shutil.rmtree(pdir, ignore_errors=True)
+            if new_dir is not None:
+                shutil.rmtree(new_dir, ignore_errors=True)
             raise
         self._cleanup(pdir, manifest)
         return plan.result
@@ -428,10 +475,12 @@ class Store:
         self._checked_manifests[path] = raw
         return manifest
 
-    def manifest(self, symbol: str, interval: str = "1d", date=None) -> dict | None:
-        """The partition's manifest (source, range, rows, adjustment, timezone, checksums) or None."""
-        kind = "ticks" if date is not None else None
-        return self._load_manifest(self.partition_dir(symbol, interval, date=date, kind=kind))
+    def manifest(self, symbol: str, interval: str = "1d", date=None, *, adjust: str | None = None) -> dict | None:
+        """The partition's manifest (source, range, rows, adjustment, timezone, checksums) or None.
+        ``adjust``: which adjustment of the bars (None: the only one stored; several: BadInputError)."""
+        if date is not None:
+            return self._load_manifest(self.partition_dir(symbol, date=date, kind="ticks"))
+        return self._load_manifest(self.partition_dir(symbol, interval, adjust=adjust))
 
     def _read_parts(self, pdir: Path, parts: Sequence[dict], columns: Sequence[str] | None = None,
                     verify: bool = True, *, kind: str) -> pa.Table:
@@ -496,8 +545,10 @@ class Store:
         return _lock_free(read, pdir)
 
     def read_partition(self, symbol: str, interval: str = "1d", start=None, end=None,
-                       columns: Sequence[str] | None = None, verify: bool = True) -> pa.Table:
-        """One symbol's bars in [start, end] (session dates, inclusive) without a symbol column."""
+                       columns: Sequence[str] | None = None, verify: bool = True, *,
+                       adjust: str | None = None) -> pa.Table:
+        """One symbol's bars in [start, end] (session dates, inclusive) without a symbol column.
+        ``adjust``: which stored adjustment (None: the only one stored; several: BadInputError)."""
         interval = parse_interval(interval)
         kind = interval_kind(interval)
         sym = _symbols.normalize(symbol)
@@ -505,11 +556,12 @@ class Store:
         lo, hi = _date_range(start, end)
         need = None if cols is None else list(dict.fromkeys(list(KEYS[kind][:1]) + ["date"] + cols))
         man, table = self._read_committed(
-            self.partition_dir(sym, interval), kind,
+            self.partition_dir(sym, interval, adjust=adjust), kind,
             lambda m: [p for p in m["parts"] if _part_overlaps(p, lo, hi, kind)], need, verify)
         if man is None:
             raise MissingDataError(
-                f"no {interval} bars for {sym} in the store at {self.root}; get them with "
+                f"no {interval} bars for {sym}{'' if adjust is None else f' ({adjust}-adjusted)'} in the store at "
+                f"{self.root}; get them with "
                 f"`fintensor download {sym} --interval {interval}` or `fintensor import FILE`")
         if lo is not None or hi is not None:
             d = table.column("date")
@@ -520,19 +572,22 @@ class Store:
 
     def read(self, symbols: str | Iterable[str] | None = None, start=None, end=None,
              interval: str = "1d", columns: Sequence[str] | None = None, *, as_pandas: bool = False,
-             verify: bool = True):
+             verify: bool = True, adjust: str | None = None):
         """Bars of ``symbols`` in [start, end] as one Arrow table (``symbol`` column first).
 
         Reads only the partitions, part files and columns needed. ``as_pandas=True`` returns a DataFrame.
+        ``adjust``: which stored adjustment (None: each symbol's only one; several: BadInputError); with
+        ``symbols=None`` and an ``adjust``, the symbols stored in that adjustment.
         """
         if symbols is None:
-            syms = [e["symbol"] for e in self.list() if e["kind"] != "ticks"
-                    and e["interval"] == parse_interval(interval)]
+            syms = list(dict.fromkeys(e["symbol"] for e in self.list() if e["kind"] != "ticks"
+                                      and e["interval"] == parse_interval(interval)
+                                      and (adjust is None or e["adjustment"] == adjust)))
         else:
             syms = [_symbols.normalize(s) for s in ([symbols] if isinstance(symbols, str) else symbols)]
         out = []
         for s in syms:
-            t = self.read_partition(s, interval, start, end, columns, verify)
+            t = self.read_partition(s, interval, start, end, columns, verify, adjust=adjust)
             out.append(t.add_column(0, "symbol", _constant(s, pa.string(), t.num_rows)))
         if out:
             table = pa.concat_tables(out)
@@ -569,21 +624,29 @@ class Store:
         return table.to_pandas() if as_pandas else table
 
     # ---------------------------------------------------------------------------------- inventory
-    def _manifests(self):
-        for path in sorted(self.root.glob("bars/interval=*/symbol=*/_manifest.json")):
+    def _manifests(self, shadowed: bool = False):
+        """(partition folder, manifest path) of every partition; an old-layout copy of a partition that an
+        interrupted migrate already moved under ``adjust=`` is left out (readers take the new one)."""
+        for path in sorted([*self.root.glob("bars/interval=*/symbol=*/_manifest.json"),
+                            *self.root.glob("bars/interval=*/symbol=*/adjust=*/_manifest.json")]):
+            if not shadowed and path.parent.name.startswith("symbol=") and \
+                    any(path.parent.glob("adjust=*/_manifest.json")):
+                m = self._load_manifest(path.parent)
+                if m is not None and (path.parent / f"adjust={m['adjustment']}" / "_manifest.json").exists():
+                    continue
             yield path.parent, path
         for path in sorted(self.root.glob("ticks/symbol=*/date=*/_manifest.json")):
             yield path.parent, path
 
     def list(self) -> list[dict]:
-        """One entry per (symbol, interval) — ticks summed over their dates — sorted by symbol."""
+        """One entry per (symbol, interval, adjustment) — ticks summed over their dates — sorted by symbol."""
         entries: dict[tuple, dict] = {}
         for pdir, path in self._manifests():
             m = self._load_manifest(pdir)
             if m is None:
                 continue
             kind = m["kind"]
-            key = (m["symbol"], "tick" if kind == "ticks" else m["interval"])
+            key = (m["symbol"], "tick" if kind == "ticks" else m["interval"], m["adjustment"])
             start = m.get("start_date", m["start"])
             end = m.get("end_date", m["end"])
             e = entries.get(key)
@@ -600,7 +663,7 @@ class Store:
 
     def symbols(self, interval: str = "1d") -> list[str]:
         iv = parse_interval(interval)
-        return [e["symbol"] for e in self.list() if e["interval"] == iv]
+        return list(dict.fromkeys(e["symbol"] for e in self.list() if e["interval"] == iv))
 
     def info(self, symbol: str) -> list[dict]:
         """Every manifest stored for ``symbol`` (all intervals and tick dates)."""
@@ -608,6 +671,7 @@ class Store:
         seg = _symbols.path_segment(sym)
         out = []
         for path in sorted(self.root.glob(f"bars/interval=*/symbol={seg}/_manifest.json")) + \
+                sorted(self.root.glob(f"bars/interval=*/symbol={seg}/adjust=*/_manifest.json")) + \
                 sorted(self.root.glob(f"ticks/symbol={seg}/date=*/_manifest.json")):
             m = self._load_manifest(path.parent)
             if m is not None:
@@ -616,23 +680,26 @@ class Store:
             raise MissingDataError(f"{sym} is not in the store at {self.root}; see `fintensor cache list`")
         return out
 
-    def coverage(self, symbol: str, interval: str = "1d") -> tuple[str, str] | None:
+    def coverage(self, symbol: str, interval: str = "1d", *, adjust: str | None = None) -> tuple[str, str] | None:
         """(first, last) session date stored for ``symbol`` at ``interval`` ('tick' for ticks), or None."""
         if str(interval).lower() in ("tick", "ticks"):
             base = self.partition_dir(symbol, kind="ticks")
             days = sorted(p.parent.name[5:] for p in base.glob("date=*/_manifest.json")) if base.exists() else []
             return (days[0], days[-1]) if days else None
-        m = self.manifest(symbol, interval)
+        m = self.manifest(symbol, interval, adjust=adjust)
         if m is None:
             return None
         return m.get("start_date", m["start"]), m.get("end_date", m["end"])
 
-    def fingerprint(self, symbols: Iterable[str], interval: str = "1d") -> str:
-        """A hash of the stored content of ``symbols`` at ``interval`` (changes whenever a write lands)."""
+    def fingerprint(self, symbols: Iterable[str], interval: str = "1d", *,
+                    adjust: str | dict[str, str] | None = None) -> str:
+        """A hash of the stored content of ``symbols`` at ``interval`` (changes whenever a write lands).
+        ``adjust``: one adjustment for all, or {symbol: adjustment}; None: each symbol's only one."""
         h = hashlib.sha256()
         for s in symbols:
             sym = _symbols.normalize(s)
-            m = self.manifest(sym, interval)
+            adj = adjust.get(sym, adjust.get(s)) if isinstance(adjust, dict) else adjust
+            m = self.manifest(sym, interval, adjust=adj)
             h.update(f"{sym}:{interval}:{m['checksum'] if m else '-'};".encode())
         return h.hexdigest()
 
@@ -648,33 +715,57 @@ class Store:
                 h.update(f"{s}:{d}:{json.loads(mp.read_bytes())['checksum']};".encode())
         return h.hexdigest()
 
-    def remove(self, symbol: str, interval: str | None = None) -> int:
-        """Remove ``symbol``'s partitions (one interval, 'tick', or all); returns how many went."""
+    def remove(self, symbol: str, interval: str | None = None, *, adjust: str | None = None) -> int:
+        """Remove ``symbol``'s partitions (one interval, 'tick', or all); returns how many went.
+
+        ``adjust``: only the bars in that adjustment (at ``interval``, or at every interval), leaving the
+        symbol's other adjustments, intervals and ticks untouched."""
         sym = _symbols.normalize(symbol)
         seg = _symbols.path_segment(sym)
+        if adjust is not None:
+            _check_adjust(adjust)
+            if interval in ("tick", "ticks"):
+                raise BadInputError("ticks have no adjustment; remove them without --adjust (--interval tick)")
         with self.lock():
             targets = []
-            if interval in (None, "tick", "ticks"):
+            if adjust is not None:
+                ivs = [parse_interval(interval)] if interval else sorted(
+                    p.name[9:] for p in (self.root / "bars").glob("interval=*"))
+                for iv in ivs:
+                    pdir = self._bar_dirs(self.root / "bars" / f"interval={iv}" / f"symbol={seg}").get(adjust)
+                    if pdir is not None and pdir.name.startswith("symbol="):
+                        raise BadInputError(f"{sym} {iv} is stored in the layout of an older fintensor; run "
+                                            "`fintensor cache migrate` first, then remove one adjustment")
+                    if pdir is not None:
+                        targets.append(pdir)
+            elif interval in (None, "tick", "ticks"):
                 tdir = self.root / "ticks" / f"symbol={seg}"
                 if tdir.exists():
                     targets.extend(sorted(tdir.glob("date=*")))
                     targets.append(tdir)
-            if interval not in ("tick", "ticks"):
+            if adjust is None and interval not in ("tick", "ticks"):
                 ivs = [parse_interval(interval)] if interval else [
                     p.name[9:] for p in (self.root / "bars").glob("interval=*")]
-                targets.extend(self.partition_dir(sym, iv) for iv in ivs
-                               if self.partition_dir(sym, iv).exists())
+                for iv in ivs:  # every adjustment of the interval (and a partition of the old layout)
+                    base = self.root / "bars" / f"interval={iv}" / f"symbol={seg}"
+                    if base.exists():
+                        targets.extend(sorted(base.glob("adjust=*")))
+                        targets.append(base)
             count = 0
             for t in targets:
                 if not t.exists():
                     continue
-                if (t / "_manifest.json").exists():
-                    count += 1
+                count += (t / "_manifest.json").exists()
+                count += sum(1 for p in t.glob("adjust=*/_manifest.json"))  # old layout beside new (migrate)
                 trash = t.with_name(f".trash-{uuid.uuid4().hex}")
                 os.replace(t, trash)  # atomic for readers: the partition is there or gone
                 shutil.rmtree(trash, ignore_errors=True)
+                if t.name.startswith("adjust="):  # the symbol's last adjustment at this interval: no empty folder
+                    with contextlib.suppress(OSError):
+                        t.parent.rmdir()
             if count == 0:
-                raise MissingDataError(f"{sym} ({interval or 'any interval'}) is not in the store at {self.root}")
+                what = (interval or "any interval") + (f", {adjust}-adjusted" if adjust else "")
+                raise MissingDataError(f"{sym} ({what}) is not in the store at {self.root}")
         return count
 
     # ------------------------------------------------------------------------ verify, migrate, files
@@ -685,37 +776,64 @@ class Store:
 
     def migrate(self) -> list[str]:
         """Rewrite every partition written by an older format (nanosecond instants, manifests without their
-        own checksum) in the current one, each atomically under the lock. Returns the partitions rewritten."""
+        own checksum) in the current one, each atomically under the lock, and move bars of the format-2
+        layout (``symbol=X/``) under ``symbol=X/adjust=<its adjustment>/``. Returns the partitions written.
+
+        A move commits the new partition first, then deletes the old manifest and parts: a crash between
+        leaves both, readers take the new one, and the next migrate finishes the job."""
         done = []
         with self.lock():
-            for pdir, _ in list(self._manifests()):
+            for pdir, _ in list(self._manifests(shadowed=True)):
                 old = self._load_manifest(pdir)
-                if old is None or old.get("format", 1) >= FORMAT_VERSION:
+                legacy = old is not None and old["kind"] != "ticks" and pdir.name.startswith("symbol=")
+                if old is None or (old.get("format", 1) >= CONTENT_FORMAT and not legacy):
+                    continue
+                target = pdir / f"adjust={old['adjustment']}" if legacy else pdir
+                if legacy and (target / "_manifest.json").exists():  # moved by an interrupted migrate
+                    self._drop_legacy(pdir, old)
                     continue
                 table = self._read_parts(pdir, old["parts"], kind=old["kind"])
                 meta = {k: old[k] for k in ("kind", "symbol", "interval", "source", "adjustment", "adjusted_as_of",
                                             "timezone", "units", "date") if k in old}
-                result = WriteResult(old["symbol"], old["kind"], str(pdir.relative_to(self.root)), updated=0)
-                self._commit(pdir, _Plan(result, meta, old, [], table))
+                result = WriteResult(old["symbol"], old["kind"], str(target.relative_to(self.root)), updated=0)
+                self._commit(target, _Plan(result, meta, old, [], table))
+                if legacy:
+                    self._drop_legacy(pdir, old)
                 done.append(result.partition)
         return done
 
-    def files(self, symbols: str | Iterable[str] | None = None, interval: str = "1d") -> list[Path]:
+    def _drop_legacy(self, pdir: Path, old: dict) -> None:
+        """Delete a migrated format-2 partition's manifest (first: it is no longer read), then its parts."""
+        (pdir / "_manifest.json").unlink()
+        for p in old["parts"]:
+            (pdir / p["file"]).unlink(missing_ok=True)
+        fsync_dir(pdir)
+
+    def files(self, symbols: str | Iterable[str] | None = None, interval: str = "1d", *,
+              adjust: str | None = None) -> list[Path]:
         """The committed part files of ``symbols`` (all stored ones when None) at ``interval`` ('tick' for
         ticks), from their manifests: what an engine (DuckDB, Polars, Spark, Ray) should read instead of
-        globbing a partition folder, which may hold leftovers or parts being superseded."""
+        globbing a partition folder, which may hold leftovers or parts being superseded.
+
+        ``adjust``: the bars in that adjustment. None: each symbol's only one; a symbol stored in several
+        adjustments is refused (its rows would be read twice) with the option that picks one."""
         ticks = str(interval).lower() in ("tick", "ticks")
         iv = None if ticks else parse_interval(interval)
         if symbols is None:
             wanted = None
         else:
             wanted = {_symbols.normalize(s) for s in ([symbols] if isinstance(symbols, str) else symbols)}
-        out, found = [], set()
+        out, found, seen = [], set(), set()
         for pdir, _ in self._manifests():
             m = self._load_manifest(pdir)
             if m is None or (m["kind"] == "ticks") != ticks or (iv is not None and m["interval"] != iv):
                 continue
+            if not ticks and adjust is not None and m["adjustment"] != adjust:
+                continue
             if wanted is None or m["symbol"] in wanted:
+                if not ticks and (m["symbol"], m["interval"]) in seen and adjust is None:
+                    raise BadInputError(_ambiguous(m["symbol"], interval, self.adjustments(m["symbol"], iv)))
+                seen.add((m["symbol"], m["interval"]))
                 out.extend(pdir / p["file"] for p in m["parts"])
                 found.add(m["symbol"])
         missing = sorted((wanted or set()) - found)
@@ -755,6 +873,19 @@ class _Plan:
 def _constant(value, type_: pa.DataType, n: int) -> pa.Array:
     """A column of ``n`` copies of ``value``, built in Arrow (no Python list: fast on big reads)."""
     return pa.repeat(pa.scalar(value, type_), n)
+
+
+def _check_adjust(adjust: str) -> None:
+    if adjust not in ADJUSTMENTS:
+        raise BadInputError(f"unknown adjustment {adjust!r}; use adjust= one of {', '.join(ADJUSTMENTS)} "
+                            "(CLI: --adjust)")
+
+
+def _ambiguous(symbol: str, interval: str, stored) -> str:
+    """The message for a read that must choose between several stored adjustments of a symbol's bars."""
+    held = ", ".join(stored)
+    return (f"{symbol} {interval} bars are stored in several adjustments ({held}); say which with adjust= "
+            f"(CLI: --adjust {next(iter(stored))})")
 
 
 def _check_on_conflict(on_conflict: str) -> None:

@@ -29,6 +29,7 @@ What ``repair=True`` does (holding the lock throughout):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -41,7 +42,7 @@ import pyarrow.parquet as pq
 
 from .errors import StoreCorruptError
 from .fileio import sha256
-from .schema import FORMAT_VERSION
+from .schema import CONTENT_FORMAT, FORMAT_VERSION
 from .store_checks import ALIASES_FILE, Problem, _check_part_metadata, _check_part_rows, _in_memory_instants
 
 if TYPE_CHECKING:
@@ -74,7 +75,10 @@ def _no_lock():
 
 
 def _partitions(root: Path) -> list[Path]:
-    dirs = [*root.glob("bars/interval=*/symbol=*"), *root.glob("ticks/symbol=*/date=*")]
+    # a symbol folder is a partition itself only in the format-2 layout (files directly in it)
+    legacy = [d for d in root.glob("bars/interval=*/symbol=*")
+              if d.is_dir() and not d.is_symlink() and any(f.is_file() for f in d.iterdir())]
+    dirs = [*legacy, *root.glob("bars/interval=*/symbol=*/adjust=*"), *root.glob("ticks/symbol=*/date=*")]
     return sorted(d for d in dirs if d.is_dir() and not d.is_symlink())
 
 
@@ -92,7 +96,10 @@ def _verify_partition(store: Store, pdir: Path, repair: bool) -> list[Problem]:
             if man is None:
                 return _unmanifested(store.root, pdir, names, repair)
             out = _unlisted(pdir, names, man, repair)
-        if man.get("format", 1) < FORMAT_VERSION:
+        if man["kind"] != "ticks" and pdir.name.startswith("symbol="):
+            out.append(Problem(str(pdir / "_manifest.json"), "stored in the layout of store format 2 (one "
+                               "adjustment per symbol); run `fintensor cache migrate` to move it under adjust="))
+        elif man.get("format", 1) < CONTENT_FORMAT:
             out.append(Problem(str(pdir / "_manifest.json"), f"written in store format {man.get('format', 1)} "
                                f"(current {FORMAT_VERSION}); run `fintensor cache migrate` to rewrite it"))
         try:
@@ -108,14 +115,19 @@ class _Replaced(Exception):
 
 def _unmanifested(root: Path, pdir: Path, names: list[str], repair: bool) -> list[Problem]:
     files = [n for n in names if (pdir / n).is_file()]
+    if pdir.name.startswith("symbol="):  # a symbol folder: its adjust= partitions are checked on their own
+        names = files
     if not names:
         return []
     parts = [n for n in files if n.endswith(".parquet")]
     if not parts:  # only temp files of a first write that never got as far as a part: nothing to keep
         if repair:
-            shutil.rmtree(pdir, ignore_errors=True)
+            for n in names:
+                (pdir / n).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                pdir.rmdir()
         return [Problem(str(pdir), f"no manifest; {len(names)} temp file(s) of an interrupted first write",
-                        repair and not pdir.exists(), True)]
+                        repair and not any((pdir / n).exists() for n in names), True)]
     if not repair:
         return [Problem(str(pdir), f"no manifest; {len(files)} uncommitted file(s) from an interrupted write "
                         "(`fintensor cache verify --repair` moves them to the store's .quarantine folder)",
@@ -123,7 +135,12 @@ def _unmanifested(root: Path, pdir: Path, names: list[str], repair: bool) -> lis
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     target = root / QUARANTINE / f"{str(pdir.relative_to(root)).replace(os.sep, '__')}-{stamp}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(pdir, target)
+    if any((pdir / n).is_dir() for n in os.listdir(pdir)):  # a symbol folder that also holds adjust= partitions
+        target.mkdir()
+        for n in files:
+            os.replace(pdir / n, target / n)
+    else:
+        os.replace(pdir, target)
     return [Problem(str(pdir), f"no manifest; its {len(files)} file(s) were moved to {target} (never deleted: "
                     "re-import the symbol, or delete that folder once you have checked it)", True, True)]
 
@@ -181,7 +198,8 @@ def _manifest_changed(store: Store, pdir: Path, man: dict) -> bool:
 
 def _verify_removals(root: Path, repair: bool) -> list[Problem]:
     out = []
-    for junk in sorted({*root.glob("bars/*/.trash-*"), *root.glob("ticks/.trash-*"), *root.glob("ticks/*/.trash-*")}):
+    trash = ("bars/*/.trash-*", "bars/*/*/.trash-*", "ticks/.trash-*", "ticks/*/.trash-*")
+    for junk in sorted({p for pattern in trash for p in root.glob(pattern)}):
         if repair:
             if junk.is_symlink() or not junk.is_dir():
                 junk.unlink(missing_ok=True)  # a link is removed, never followed

@@ -204,6 +204,7 @@ def expected_files(root: Path) -> set[Path]:
     """Every file a consistent store may hold: its lock, aliases, manifests, listed parts, cached tensors."""
     files = {root / ".lock", root / "aliases.json"}
     for mp in [*root.glob("bars/interval=*/symbol=*/_manifest.json"),
+               *root.glob("bars/interval=*/symbol=*/adjust=*/_manifest.json"),
                *root.glob("ticks/symbol=*/date=*/_manifest.json")]:
         files.add(mp)
         files.update(mp.parent / p["file"] for p in json.loads(mp.read_bytes())["parts"])

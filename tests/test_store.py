@@ -260,19 +260,31 @@ def test_compaction_after_many_appends(store, shared_data):
     assert store.verify() == []
 
 
-def test_adjustment_and_timezone_mismatch_refused(store, shared_data):
+def test_adjustments_side_by_side_and_timezone_mismatch_refused(store, shared_data):
+    """Two adjustments of one symbol are two partitions (never a conflict); a timezone mismatch within one
+    adjustment is still refused, and overwrite replaces only that adjustment."""
     aapl = sp500(shared_data, "AAPL", rows=20)
     store.write_bars("AAPL", aapl, source="yahoo", adjustment="split")
+    split_bytes = snapshot(store.partition_dir("AAPL", adjust="split"))
+    raw = aapl.iloc[15:].assign(close=aapl.close.iloc[15:] * 7)  # other values: no conflict across adjustments
+    res = store.write_bars("AAPL", raw, source="lean", adjustment="raw")
+    assert res.added == 5 and res.partition.endswith("symbol=AAPL/adjust=raw")
+    assert store.adjustments("AAPL") == ["raw", "split"]
+    assert snapshot(store.partition_dir("AAPL", adjust="split")) == split_bytes
+    assert_frame_values(store.read("AAPL", adjust="split", as_pandas=True), aapl)
+    assert_frame_values(store.read("AAPL", adjust="raw", as_pandas=True), raw)
+    with pytest.raises(BadInputError, match="several adjustments \\(raw, split\\).*--adjust raw"):
+        store.read("AAPL")
     before = snapshot(store.root)
-    with pytest.raises(ConflictError, match="adjustment 'split'.*'raw'"):
-        store.write_bars("AAPL", aapl.iloc[15:], source="lean", adjustment="raw")
-    with pytest.raises(ConflictError, match="timezone 'America/New_York'.*'Europe/London'"):
+    with pytest.raises(ConflictError, match="timezone 'America/New_York'.*'Europe/London'.*"
+                                            "cache rm AAPL --interval 1d --adjust split"):
         store.write_bars("AAPL", aapl.iloc[15:], source="x", adjustment="split", timezone="Europe/London")
     assert snapshot(store.root) == before
-    res = store.write_bars("AAPL", aapl.iloc[15:], source="lean", adjustment="raw", on_conflict="overwrite")
-    assert res.added == 5
-    assert store.manifest("AAPL")["adjustment"] == "raw"
-    assert_frame_values(store.read("AAPL", as_pandas=True), aapl.iloc[15:])  # replaced, not mixed
+    res = store.write_bars("AAPL", aapl.iloc[15:], source="x", adjustment="split", timezone="Europe/London",
+                           on_conflict="overwrite")
+    assert res.added == 5 and store.manifest("AAPL", adjust="split")["timezone"] == "Europe/London"
+    assert_frame_values(store.read("AAPL", adjust="split", as_pandas=True), aapl.iloc[15:])  # replaced, not mixed
+    assert_frame_values(store.read("AAPL", adjust="raw", as_pandas=True), raw)  # the other adjustment untouched
 
 
 # --------------------------------------------------------------------------- reading only what is needed
@@ -333,12 +345,12 @@ def _sorted(df: pd.DataFrame, keys) -> pd.DataFrame:
 
 def test_duckdb_reads_the_store_directly(mixed_store):
     root = mixed_store.root
-    got = duckdb.sql(f"SELECT * FROM read_parquet('{root}/bars/interval=1d/*/*.parquet', "
+    got = duckdb.sql(f"SELECT * FROM read_parquet('{root}/bars/interval=1d/*/*/*.parquet', "
                      "hive_partitioning = true)").df()
     want = mixed_store.read(as_pandas=True)
     assert sorted(got.symbol.unique()) == ["AAPL", "EURUSD=X", "MSFT", "^GSPC"]
     assert_frame_values(_sorted(got, ["symbol", "date"]), _sorted(want, ["symbol", "date"]))
-    minutes = duckdb.sql(f"SELECT symbol, time, date, close FROM read_parquet('{root}/bars/interval=1m/*/*.parquet',"
+    minutes = duckdb.sql(f"SELECT symbol, time, date, close FROM read_parquet('{root}/bars/interval=1m/*/*/*.parquet',"
                          " hive_partitioning = true) ORDER BY time").df()
     assert_frame_values(minutes, mixed_store.read("^GSPC", interval="1m", columns=["close"], as_pandas=True))
     ticks = duckdb.sql(f"SELECT * FROM read_parquet('{root}/ticks/*/*/*.parquet', hive_partitioning = true)"

@@ -227,7 +227,7 @@ def test_a_write_past_the_file_size_limit_is_one_error_and_the_store_stays_consi
     assert kind == "StoreWriteError" and "1 of 2 partitions of this write were committed" in message
     assert "date=2019-02-01" in message and "run the same command again" in message
     kind, message = bars_error.split("|")
-    assert kind == "StoreWriteError" and "bars/interval=1d/symbol=BIG was left as it was" in message
+    assert kind == "StoreWriteError" and "bars/interval=1d/symbol=BIG/adjust=raw was left as it was" in message
     store = Store(root)
     assert store.verify() == []                       # nothing half-written, no leftovers
     assert store.symbols() == ["SMALL"] and len(store.read("SMALL")) == 5
@@ -313,8 +313,13 @@ def test_sub_microsecond_instants_are_floored_and_counted(store):
 
 
 def _downgrade_to_format_1(store: Store) -> None:
-    """Rewrite every partition as fintensor format 1 wrote it: ns instants, no manifest_sha256."""
+    """Rewrite every partition as fintensor format 1 wrote it: ns instants, no manifest_sha256, bars directly
+    in their symbol folder (one adjustment per symbol and interval)."""
     import hashlib
+    for mpath in store.root.glob("bars/*/*/adjust=*/_manifest.json"):
+        for f in mpath.parent.iterdir():
+            f.rename(mpath.parent.parent / f.name)
+        mpath.parent.rmdir()
     for mpath in [*store.root.glob("bars/*/*/_manifest.json"), *store.root.glob("ticks/*/*/_manifest.json")]:
         m = json.loads(mpath.read_text())
         for p in m["parts"]:
@@ -336,6 +341,11 @@ def test_an_old_nanosecond_store_reads_the_same_and_migrates_atomically(filled, 
             "tick": filled.read_ticks("000001.SZ")}
     _downgrade_to_format_1(filled)
     assert pq.read_schema(filled.files("^GSPC", "1m")[0]).field("time").type == UTC_NS
+    assert filled.manifest("AAPL", adjust="split")["format"] == 1 and filled.adjustments("AAPL") == ["split"]
+    before = {p: p.read_bytes() for p in filled.root.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(BadInputError, match="older fintensor.*cache migrate"):  # no mixed layouts
+        filled.write_bars("AAPL", sp500(shared_data, "AAPL").iloc[:5], source="lean", adjust="raw")
+    assert {p: p.read_bytes() for p in filled.root.rglob("*") if p.is_file() and p.name != ".lock"} == before
     got = {"1d": filled.read(["AAPL", "MSFT"]), "1m": filled.read("^GSPC", interval="1m"),
            "tick": filled.read_ticks("000001.SZ")}
     assert all(got[k].equals(want[k]) for k in want)
@@ -347,6 +357,8 @@ def test_an_old_nanosecond_store_reads_the_same_and_migrates_atomically(filled, 
     assert pq.read_schema(filled.files("^GSPC", "1m")[0]).field("time").type == UTC_US
     assert all(json.loads(p.read_text())["format"] == FORMAT_VERSION
                for p in filled.root.glob("**/_manifest.json"))
+    assert not list(filled.root.glob("bars/*/*/_manifest.json")) and not list(filled.root.glob("bars/*/*/*.parquet"))
+    assert len(list(filled.root.glob("bars/*/*/adjust=*/_manifest.json"))) == 3
     got = {"1d": filled.read(["AAPL", "MSFT"]), "1m": filled.read("^GSPC", interval="1m"),
            "tick": filled.read_ticks("000001.SZ")}
     assert all(got[k].equals(want[k]) for k in want)
@@ -365,7 +377,7 @@ def test_duckdb_and_polars_read_exactly_the_committed_rows_through_files(filled,
     assert capsys.readouterr().out.split() == files
     assert main(["cache", "files", "--json", "--store", str(filled.root)]) == 0
     assert json.loads(capsys.readouterr().out) == files
-    glob = duckdb.sql(f"SELECT count(*) FROM read_parquet('{filled.root}/bars/*/*/*.parquet')").fetchall()[0][0]
+    glob = duckdb.sql(f"SELECT count(*) FROM read_parquet('{filled.root}/bars/*/*/*/*.parquet')").fetchall()[0][0]
     assert glob == len(want) + 300  # what a glob would have read: the orphan's rows twice
 
     duck = duckdb.sql(f"SELECT * FROM read_parquet({files!r}, hive_partitioning=true)").df()
