@@ -239,7 +239,7 @@ def test_a_store_part_with_a_pickled_extension_type_is_never_unpickled(tmp_path,
     assert len(got) == 40 and got["close"].dtype == np.float64
     store.verify()
     ft.build("AAPL", "2012-12-06", "2013-01-31", store=store)
-    duckdb.sql(f"SELECT * FROM read_parquet('{store.root}/bars/*/*/*.parquet', hive_partitioning=true)").df()
+    duckdb.sql(f"SELECT * FROM read_parquet('{store.root}/bars/*/*/*/*.parquet', hive_partitioning=true)").df()
     assert main(["cache", "verify", "--store", str(store.root), "--quiet"]) in (0, 1)
     assert not marker.exists()
 

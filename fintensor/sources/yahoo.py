@@ -288,7 +288,7 @@ class _Job:
 
 
 def _plan(store: Store, symbol: str, alias: str, req: _Request) -> _Job:
-    man = store.manifest(symbol, req.interval)
+    man = store.manifest(symbol, req.interval, adjust="split")
     result = SymbolResult(symbol, alias)
     if man is None:  # nothing stored: one span; Yahoo's timezone is learnt from the response
         start = req.start or EARLIEST
