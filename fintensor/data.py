@@ -37,6 +37,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from numba import njit
 
 from . import ondisk
 from .errors import BadInputError
@@ -294,7 +295,6 @@ class Windows:
         self.segments: dict[str, Segment] = {} if labels is None and segments is None else \
             resolve_segments(self.times, segments)
         self._mapped = mapped is not None
-        self._mask_windows = None
         if self._mapped:
             if cs_norm:
                 raise BadInputError("cs_norm normalises whole days across stocks, which a panel read in place "
@@ -310,7 +310,7 @@ class Windows:
             self.normaliser, self._panel_dtype = normaliser, dtype
             self.panel = values  # (N, T, F) memory map, raw (not normalised)
             self._windows = values.reshape(-1).as_strided((N * T - lookback + 1, lookback, F), (F, F, 1))
-            self._mask_windows = observed.reshape(-1).as_strided((N * T - lookback + 1, lookback, F), (F, F, 1))
+            self._mask_panel = observed
             self._float_on_device = False
         else:
             panel, row_ok = _load_panel(features, panel_device, missing)
@@ -398,20 +398,24 @@ class Windows:
         """Windows of the samples at ``positions`` (n*T + t): (B, lookback, F), one index_select."""
         starts = positions.to(self.panel.device) - (self.lookback - 1)
         with self._copy_threads(len(starts) * self.lookback * self.n_features * self.panel.element_size()):
-            x = torch.index_select(self._windows, 0, starts)
-            if self._mapped:
-                x = self._normalised(x, torch.index_select(self._mask_windows, 0, starts))
+            x = self._gather_mapped(starts) if self._mapped else torch.index_select(self._windows, 0, starts)
         return self._on_device(x)
 
-    def _normalised(self, x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-        """Raw windows read from the map, as the in-memory panel holds them: float32, normalised and
-        clipped, 0 where unobserved (mask False or not finite), rounded through the panel dtype."""
-        ok = observed & torch.isfinite(x)
-        x = x.to(torch.float32)
-        if self.normaliser is not None:
-            self.normaliser.apply_(x)
-        x.masked_fill_(~ok, 0.0)
-        return x if self._panel_dtype == torch.float32 else x.to(self._panel_dtype).float()
+    def _gather_mapped(self, starts: torch.Tensor) -> torch.Tensor:
+        """Windows read from the map as the in-memory panel holds them: float32, normalised and clipped, 0
+        where unobserved (mask False or not finite), rounded through the panel dtype. One fused pass (the
+        same float32 subtract, divide and clamp as ``Normaliser.apply_``)."""
+        F = self.n_features
+        if self.normaliser is None:
+            center, scale, clip = np.zeros(F, np.float32), np.ones(F, np.float32), np.inf
+        else:
+            center, scale = self.normaliser.center.numpy(), self.normaliser.scale.numpy()
+            clip = np.inf if self.normaliser.clip is None else float(self.normaliser.clip)
+        x = np.empty((len(starts), self.lookback, F), dtype=np.float32)
+        _gather_normalised(self.panel.numpy().reshape(-1), self._mask_panel.numpy().reshape(-1),
+                           starts.numpy(), center, scale, np.float32(clip), x)
+        out = torch.from_numpy(x)
+        return out if self._panel_dtype == torch.float32 else out.to(self._panel_dtype).float()
 
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` moved to the training device (the copy overlaps from pinned memory) as float32."""
@@ -517,6 +521,21 @@ def _load_panel(features, device: torch.device, missing: str) -> tuple[torch.Ten
         part.masked_fill_(unobserved, float("nan"))
         row_ok[a:a + step] = ~unobserved.any(-1) if missing == "drop" else ~unobserved.all(-1)
     return panel, row_ok
+
+
+@njit(cache=True, nogil=True)
+def _gather_normalised(values, observed, starts, center, scale, clip, out):
+    """out[b] = the (lookback, F) rows from flat row ``starts[b]`` of the (stock*time, F) panel, each value
+    (v - center) / scale clipped to +-clip in float32, 0 where unobserved or not finite."""
+    B, L, F = out.shape
+    for b in range(B):
+        for r in range(L):
+            base = (starts[b] + r) * F
+            row = out[b, r]
+            for f in range(F):  # branch-free, so it vectorises: v - v is 0 only for a finite v
+                v = np.float32(values[base + f])
+                z = min(max((v - center[f]) / scale[f], -clip), clip)
+                row[f] = z if observed[base + f] and v - v == 0 else np.float32(0.0)
 
 
 def _stock_blocks(values: torch.Tensor, nbytes: int = 64 << 20) -> range:
