@@ -37,9 +37,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from numba import njit
 
+from . import ondisk
 from .errors import BadInputError
-from .tensor import _to_datetime64
+from .tensor import StockTensor, _to_datetime64
 
 MISSING = ("drop", "zero")
 CS_NORMS = ("zscore", "rank")
@@ -245,14 +247,25 @@ class Windows:
     device when it fits in half its free memory, else pinned host memory with batches copied over).
     ``panel_dtype="bfloat16"`` stores the normalised panel in half the memory (values rounded to bf16, as
     bf16 autocast rounds a model's inputs anyway); batches are float32 either way.
+
+    A features tensor backed by an on-disk panel (``ft.features.compute(..., out=PATH)``) is read in place
+    (``in_memory=None``, the default, or False): minibatches are gathered straight from the memory map and
+    normalised as they are gathered (the same float32 operations as the in-memory path, so the same
+    numbers), the normaliser is fitted on the train segment in a streaming pass over blocks of stocks, and
+    no window or normalised copy of the panel is made. ``in_memory=True`` loads it into RAM as before.
     """
 
     def __init__(self, features, labels=None, lookback: int = 20, *, segments=None, label_reach: int = 0,
                  missing: str = "drop", cs_norm: str | None = None, feature_norm: str | None = "zscore",
                  label_norm: str | None = "zscore", clip: float | None = 3.0,
                  normaliser: Normaliser | None = None, device: str | torch.device = "cpu",
-                 panel_dtype: str = "float32"):
+                 panel_dtype: str = "float32", in_memory: bool | None = None):
         check_tensor(features, ("time", "stock", "feature"), "features")
+        _choice("in_memory", in_memory, (None, True, False))
+        mapped = None if in_memory else ondisk.stock_major(features)
+        if in_memory is False and mapped is None:
+            raise BadInputError("in_memory=False needs features backed by an on-disk panel "
+                                "(ft.features.compute(..., out=PATH) or fintensor.ondisk.load(PATH))")
         T, N, F = features.shape
         _choice("missing", missing, MISSING)
         _choice("cs_norm", cs_norm, (None, *CS_NORMS))
@@ -281,24 +294,43 @@ class Windows:
 
         self.segments: dict[str, Segment] = {} if labels is None and segments is None else \
             resolve_segments(self.times, segments)
-        panel, row_ok = _load_panel(features, panel_device, missing)
-        if cs_norm:
-            cs = _cs_map(cs_norm)
-            for f in range(F):  # one feature at a time keeps the temporaries small
-                panel[:, :, f] = cs(panel[:, :, f].T.contiguous()).T
-        if normaliser is None and feature_norm:
-            if "train" not in self.segments:
-                raise BadInputError("feature_norm needs a 'train' segment to fit on")
-            seg = self.segments["train"]
-            normaliser = Normaliser.fit(feature_norm, panel[:, seg.first:seg.last + 1], self.feature_names, clip)
-        if normaliser is not None:
-            for rows in panel.split(max(1, 2**24 // max(T * F, 1))):  # in place, a few stocks at a time
-                normaliser.apply_(rows)
-        self.normaliser = normaliser
-        panel = panel.nan_to_num_(nan=0.0).to(dtype)
-        self.panel = panel.pin_memory() if panel.device != self.device else panel  # (N, T, F)
-        self._windows = self.panel.view(-1).as_strided((N * T - lookback + 1, lookback, F), (F, F, 1))
-        self._float_on_device = self.panel.device == self.device and self.panel.dtype == torch.float32
+        self._mapped = mapped is not None
+        if self._mapped:
+            if cs_norm:
+                raise BadInputError("cs_norm normalises whole days across stocks, which a panel read in place "
+                                    "cannot do per batch; normalise the features before writing the panel, or "
+                                    "pass in_memory=True to load it into RAM")
+            values, observed = mapped
+            row_ok = _mapped_rows_ok(values, observed, missing)
+            if normaliser is None and feature_norm:
+                if "train" not in self.segments:
+                    raise BadInputError("feature_norm needs a 'train' segment to fit on")
+                normaliser = _fit_mapped(feature_norm, values, observed, self.segments["train"], self.feature_names,
+                                         clip)
+            self.normaliser, self._panel_dtype = normaliser, dtype
+            self.panel = values  # (N, T, F) memory map, raw (not normalised)
+            self._windows = values.reshape(-1).as_strided((N * T - lookback + 1, lookback, F), (F, F, 1))
+            self._mask_panel = observed
+            self._float_on_device = False
+        else:
+            panel, row_ok = _load_panel(features, panel_device, missing)
+            if cs_norm:
+                cs = _cs_map(cs_norm)
+                for f in range(F):  # one feature at a time keeps the temporaries small
+                    panel[:, :, f] = cs(panel[:, :, f].T.contiguous()).T
+            if normaliser is None and feature_norm:
+                if "train" not in self.segments:
+                    raise BadInputError("feature_norm needs a 'train' segment to fit on")
+                seg = self.segments["train"]
+                normaliser = Normaliser.fit(feature_norm, panel[:, seg.first:seg.last + 1], self.feature_names, clip)
+            if normaliser is not None:
+                for rows in panel.split(max(1, 2**24 // max(T * F, 1))):  # in place, a few stocks at a time
+                    normaliser.apply_(rows)
+            self.normaliser = normaliser
+            panel = panel.nan_to_num_(nan=0.0).to(dtype)
+            self.panel = panel.pin_memory() if panel.device != self.device else panel  # (N, T, F)
+            self._windows = self.panel.view(-1).as_strided((N * T - lookback + 1, lookback, F), (F, F, 1))
+            self._float_on_device = self.panel.device == self.device and self.panel.dtype == torch.float32
         self._one_day = torch.zeros(N, dtype=torch.long, device=self.device)  # group ids of a one-day batch
 
         # usable windows: rows t-lookback+1 .. t all complete ("drop"), or row t observed at all ("zero")
@@ -366,8 +398,24 @@ class Windows:
         """Windows of the samples at ``positions`` (n*T + t): (B, lookback, F), one index_select."""
         starts = positions.to(self.panel.device) - (self.lookback - 1)
         with self._copy_threads(len(starts) * self.lookback * self.n_features * self.panel.element_size()):
-            x = torch.index_select(self._windows, 0, starts)
+            x = self._gather_mapped(starts) if self._mapped else torch.index_select(self._windows, 0, starts)
         return self._on_device(x)
+
+    def _gather_mapped(self, starts: torch.Tensor) -> torch.Tensor:
+        """Windows read from the map as the in-memory panel holds them: float32, normalised and clipped, 0
+        where unobserved (mask False or not finite), rounded through the panel dtype. One fused pass (the
+        same float32 subtract, divide and clamp as ``Normaliser.apply_``)."""
+        F = self.n_features
+        if self.normaliser is None:
+            center, scale, clip = np.zeros(F, np.float32), np.ones(F, np.float32), np.inf
+        else:
+            center, scale = self.normaliser.center.numpy(), self.normaliser.scale.numpy()
+            clip = np.inf if self.normaliser.clip is None else float(self.normaliser.clip)
+        x = np.empty((len(starts), self.lookback, F), dtype=np.float32)
+        _gather_normalised(self.panel.numpy().reshape(-1), self._mask_panel.numpy().reshape(-1),
+                           starts.numpy(), center, scale, np.float32(clip), x)
+        out = torch.from_numpy(x)
+        return out if self._panel_dtype == torch.float32 else out.to(self._panel_dtype).float()
 
     def _on_device(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` moved to the training device (the copy overlaps from pinned memory) as float32."""
@@ -398,6 +446,8 @@ class Windows:
         windows and labels are views (the stock-major ``panel[n0:n0+count, t-L+1:t+1]`` is (count, L, F)),
         so nothing is copied when the panel is float32 on the training device."""
         T, count = len(self.times), len(positions)
+        if self._mapped:  # the map holds raw values: gathered and normalised like any batch
+            return self.batch(positions, self._one_day[:count], 1, global_samples, global_days)
         n0, t = divmod(first, T)
         x = self.panel[n0:n0 + count, t - self.lookback + 1:t + 1]
         y = self.targets.view(-1, T, 2)[n0:n0 + count, t].to(self.device, non_blocking=True)
@@ -473,6 +523,83 @@ def _load_panel(features, device: torch.device, missing: str) -> tuple[torch.Ten
     return panel, row_ok
 
 
+@njit(cache=True, nogil=True)
+def _gather_normalised(values, observed, starts, center, scale, clip, out):
+    """out[b] = the (lookback, F) rows from flat row ``starts[b]`` of the (stock*time, F) panel, each value
+    (v - center) / scale clipped to +-clip in float32, 0 where unobserved or not finite."""
+    B, L, F = out.shape
+    for b in range(B):
+        for r in range(L):
+            base = (starts[b] + r) * F
+            row = out[b, r]
+            for f in range(F):  # branch-free, so it vectorises: v - v is 0 only for a finite v
+                v = np.float32(values[base + f])
+                z = min(max((v - center[f]) / scale[f], -clip), clip)
+                row[f] = z if observed[base + f] and v - v == 0 else np.float32(0.0)
+
+
+def _stock_blocks(values: torch.Tensor, nbytes: int = 64 << 20) -> range:
+    """Starts of blocks of stocks of a (stock, time, feature) panel of about ``nbytes`` each."""
+    N, T, F = values.shape
+    return range(0, N, max(1, nbytes // max(T * F * values.element_size(), 1)))
+
+
+def _mapped_rows_ok(values: torch.Tensor, observed: torch.Tensor, missing: str) -> torch.Tensor:
+    """``_load_panel``'s row_ok for a (stock, time, feature) map, read a block of stocks at a time."""
+    N, T, F = values.shape
+    row_ok = torch.empty((N, T), dtype=torch.bool)
+    step = _stock_blocks(values).step
+    for a in _stock_blocks(values):
+        unobserved = ~torch.isfinite(values[a:a + step]) | ~observed[a:a + step]
+        row_ok[a:a + step] = ~unobserved.any(-1) if missing == "drop" else ~unobserved.all(-1)
+    return row_ok
+
+
+def _fit_mapped(kind: str, values: torch.Tensor, observed: torch.Tensor, seg: Segment, names: Sequence[str],
+                clip: float | None) -> Normaliser:
+    """``Normaliser.fit`` on the train rows of a (stock, time, feature) map without loading it: zscore in two
+    streaming float64 passes over blocks of stocks (sums, then squared deviations); robust one feature at a
+    time (a median needs all of a feature's values: 1/F of the train rows)."""
+    if kind not in FEATURE_NORMS:
+        raise BadInputError(f"unknown feature_norm {kind!r}; use one of {FEATURE_NORMS} or None")
+    F = values.shape[2]
+    rows = slice(seg.first, seg.last + 1)
+    step = _stock_blocks(values).step
+
+    def blocks():
+        for a in _stock_blocks(values):
+            x = values[a:a + step, rows].to(torch.float32)
+            ok = observed[a:a + step, rows] & torch.isfinite(x)
+            yield x.double().reshape(-1, F), ok.reshape(-1, F)
+
+    if kind == "zscore":
+        total = torch.zeros(F, dtype=torch.float64)
+        count = torch.zeros(F, dtype=torch.float64)
+        for x, ok in blocks():
+            total += torch.where(ok, x, 0).sum(0)
+            count += ok.sum(0)
+        empty = (count == 0).nonzero().flatten().tolist()
+        if empty:
+            raise BadInputError(f"feature {names[empty[0]]!r} has no observed value in the training segment; "
+                                "drop it or choose another training range")
+        center = total / count
+        squares = torch.zeros(F, dtype=torch.float64)
+        for x, ok in blocks():
+            squares += torch.where(ok, x - center, 0).square().sum(0)
+        scale = (squares / count).sqrt()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return Normaliser(kind, center.float(), scale.float(), clip)
+    fitted = [Normaliser.fit(kind, _mapped_column(values, observed, rows, f), [names[f]], clip) for f in range(F)]
+    return Normaliser(kind, torch.cat([n.center for n in fitted]), torch.cat([n.scale for n in fitted]), clip)
+
+
+def _mapped_column(values: torch.Tensor, observed: torch.Tensor, rows: slice, f: int) -> torch.Tensor:
+    """Feature ``f`` of the train rows as a (stock*time, 1) float32 column, NaN where unobserved."""
+    col = values[:, rows, f].to(torch.float32)
+    col = col.masked_fill(~(observed[:, rows, f] & torch.isfinite(col)), float("nan"))
+    return col.reshape(-1, 1)
+
+
 def _share(n: int, world: int, rank: int) -> slice:
     """Rank ``rank``'s contiguous share of ``n`` items split ``world`` ways (like ``tensor_split``)."""
     size, extra = divmod(n, world)
@@ -487,7 +614,7 @@ def _choice(what: str, value, allowed: tuple) -> None:
 
 def check_tensor(t, dims: tuple[str, ...], what: str) -> None:
     """Bad input unless ``t`` is a floating-point StockTensor with exactly ``dims``."""
-    if not all(hasattr(t, a) for a in ("values", "dims", "coords", "mask")):
+    if not isinstance(t, StockTensor):
         raise BadInputError(f"{what} must be a StockTensor with dims {dims}, got {type(t).__name__}")
     if tuple(t.dims) != dims:
         raise BadInputError(f"{what} must have dims {dims}, got {tuple(t.dims)}")

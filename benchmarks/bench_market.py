@@ -1,0 +1,214 @@
+"""The whole market on one machine: synthetic store -> OHLCV tensor -> Alpha158 out of core -> one epoch.
+
+    python benchmarks/bench_market.py                          # 5000 stocks x 5040 days (20 years)
+    python benchmarks/bench_market.py --stocks 1000 --days 2520
+    python benchmarks/bench_market.py --quick                  # 100 stocks x 500 days (CI)
+
+Each stage runs in a fresh process and reports its wall time, CPU time (user + system) and peak RSS
+(its own ru_maxrss); the files it makes are handed to the next stage in a temp directory:
+
+  synth     ft.synthetic.market(N, T) written to a store (one Store.write_bars per symbol, one lock)
+  build     ft.build(all symbols, OHLCV, float32), saved as a tensor file
+  alpha158  ft.features.compute(t, "alpha158", out=PANEL, memory=...): the memory-mapped panel
+  gather    random minibatches (800 x 20 x 158) from Windows on the map vs the same panel in RAM
+            (page cache warm; skipped when the panel does not fit in half the RAM)
+  epoch     one ft.train epoch (LSTM 2x64, lookback 20) reading batches from the map
+  pandas    the baseline: qlib-style per-stock pandas Alpha158 (tests/pandas_alpha158.py on one stock's
+            frames) + pd.concat, on --baseline-stocks stocks (the largest it is run at), per stock vs alpha158
+
+The last line is exactly:
+    market N stocks x T days: build B s, alpha158 A s, panel P MB, peak RSS R MB, epoch E s
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = ["open", "high", "low", "close", "volume"]
+START = "2000-01-03"
+
+
+def _report(**numbers) -> None:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({**numbers, "cpu": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024}))
+
+
+def stage_synth(a) -> None:
+    import fintensor as ft
+
+    t0 = time.perf_counter()
+    m = ft.synthetic.market(a.stocks, a.days, start=START, seed=1)
+    gen = time.perf_counter() - t0
+    rows = m.write(ft.Store(a.work / "store"))
+    (a.work / "symbols.json").write_text(json.dumps([list(m.symbols), str(m.dates[0]), str(m.dates[-1])]))
+    _report(rows=rows, generate_s=gen, write_s=time.perf_counter() - t0 - gen)
+
+
+def stage_build(a) -> None:
+    import torch
+
+    import fintensor as ft
+
+    syms, start, end = json.loads((a.work / "symbols.json").read_text())
+    t = ft.build(syms, start, end, fields=FIELDS, dtype=torch.float32, store=ft.Store(a.work / "store"), cache=False)
+    t.save(a.work / "ohlcv.safetensors")
+    _report(shape=list(t.shape), mb=t.values.numel() * 4 / 2**20)
+
+
+def stage_alpha158(a) -> None:
+    import fintensor as ft
+    from fintensor import features
+
+    t = ft.load(a.work / "ohlcv.safetensors", mmap=True)
+    features.compute(t.isel(stock=slice(0, 2)), "alpha158")  # kernels compiled/loaded outside the timing
+    t0 = time.perf_counter()
+    panel = features.compute(t, "alpha158", out=a.work / "alpha158", memory=a.memory)
+    _report(seconds=time.perf_counter() - t0, panel_mb=panel.values.numel() * 5 / 2**20,
+            per_stock_ms=(time.perf_counter() - t0) / t.shape[1] * 1000)
+
+
+def _labels(a):
+    import fintensor as ft
+    from fintensor import features
+
+    return features.forward_returns(ft.load(a.work / "ohlcv.safetensors", mmap=True))
+
+
+def stage_gather(a) -> None:
+    import torch
+
+    from fintensor import ondisk
+    from fintensor.data import Windows
+
+    torch.set_num_threads(1)
+    mapped = ondisk.load(a.work / "alpha158", verify=False)
+    labels = _labels(a)
+    result = {}
+    for name, in_memory in (("map", None), ("ram", True)):
+        w = Windows(mapped, labels, 20, label_reach=2, in_memory=in_memory)
+        pos = w.positions["train"]
+        g = torch.Generator().manual_seed(0)
+        batches = [pos[torch.randint(len(pos), (800,), generator=g)] for _ in range(a.batches)]
+        for b in batches[:10]:
+            w.gather(b)  # page cache warm
+        t0 = time.perf_counter()
+        for b in batches:
+            w.gather(b)
+        result[name] = (time.perf_counter() - t0) / len(batches) * 1000
+        del w
+    _report(map_ms=result["map"], ram_ms=result["ram"], ratio=result["map"] / result["ram"])
+
+
+def stage_epoch(a) -> None:
+    import fintensor as ft
+    from fintensor import ondisk
+
+    mapped = ondisk.load(a.work / "alpha158", verify=False)
+    t0 = time.perf_counter()
+    result = ft.train(mapped, _labels(a), model="lstm", hidden=64, layers=2, lookback=20, epochs=1,
+                      batch_size=800, device=a.device, seed=0)
+    _report(seconds=time.perf_counter() - t0, history=result.history[-1])
+
+
+def stage_pandas(a) -> None:
+    import numpy as np
+    import pandas as pd
+
+    import fintensor as ft
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pandas_alpha158 import alpha158
+
+    t = ft.load(a.work / "ohlcv.safetensors", mmap=True)
+    k = min(a.baseline_stocks, t.shape[1])
+    values = t.values[:, :k].numpy()
+    index = pd.DatetimeIndex(t.coords["time"])
+    t0 = time.perf_counter()
+    frames = []
+    for n, sym in enumerate(t.coords["stock"][:k]):  # qlib's way: one stock's frame at a time
+        cols = [pd.DataFrame({sym: values[:, n, i].astype(np.float64)}, index=index) for i in range(5)]
+        feats = alpha158(*cols)
+        frames.append(pd.DataFrame({name: f[sym] for name, f in feats.items()}).assign(instrument=sym))
+    panel = pd.concat(frames).set_index("instrument", append=True)
+    seconds = time.perf_counter() - t0
+    _report(stocks=k, seconds=seconds, per_stock_ms=seconds / k * 1000, mb=panel.memory_usage().sum() / 2**20)
+
+
+STAGES = {"synth": stage_synth, "build": stage_build, "alpha158": stage_alpha158, "gather": stage_gather,
+          "epoch": stage_epoch, "pandas": stage_pandas}
+
+
+def _run(stage: str, a) -> dict:
+    cmd = [sys.executable, __file__, "--stage", stage, "--work", str(a.work), "--stocks", str(a.stocks),
+           "--days", str(a.days), "--memory", a.memory, "--baseline-stocks", str(a.baseline_stocks),
+           "--batches", str(a.batches), "--device", a.device]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        sys.exit(f"stage {stage} failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["wall"] = wall
+    extra = {k: v for k, v in r.items() if k not in ("cpu", "rss_mb", "wall", "history")}
+    print(f"{stage:9s} wall {wall:8.1f} s  cpu {r['cpu']:8.1f} s  peak RSS {r['rss_mb']:8.0f} MB  "
+          + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items()), flush=True)
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stocks", type=int, default=5000)
+    p.add_argument("--days", type=int, default=5040)
+    p.add_argument("--quick", action="store_true", help="100 stocks x 500 days")
+    p.add_argument("--memory", default="2GB", help="the alpha158 stage's working-memory budget")
+    p.add_argument("--baseline-stocks", type=int, default=100, help="stocks the pandas baseline runs on")
+    p.add_argument("--batches", type=int, default=200, help="minibatches timed in the gather stage")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work", type=Path, help="keep the files here (default: a temp dir, removed)")
+    p.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    for name in ("stocks", "days", "baseline_stocks", "batches"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if a.quick:
+        a.stocks, a.days, a.baseline_stocks, a.batches = 100, 500, 20, 50
+    if a.stage:
+        STAGES[a.stage](a)
+        return
+    keep = a.work is not None
+    a.work = Path(a.work or tempfile.mkdtemp(prefix="bench_market_"))
+    a.work.mkdir(parents=True, exist_ok=True)
+    try:
+        print(f"market {a.stocks} stocks x {a.days} days, alpha158 memory={a.memory}, {os.cpu_count()} cores")
+        r = {s: _run(s, a) for s in ("synth", "build", "alpha158")}
+        panel_mb = r["alpha158"]["panel_mb"]
+        total_kb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+        if panel_mb * 4 / 5 < total_kb / 2:
+            g = _run("gather", a)
+            print(f"gather: map {g['map_ms']:.2f} ms vs RAM {g['ram_ms']:.2f} ms per 800-window batch "
+                  f"({g['ratio']:.2f}x)")
+        r["epoch"] = _run("epoch", a)
+        base = _run("pandas", a)
+        print(f"pandas per-stock Alpha158 + pd.concat: {base['per_stock_ms']:.0f} ms/stock on {base['stocks']} "
+              f"stocks (peak RSS {base['rss_mb']:.0f} MB) vs fintensor out of core "
+              f"{r['alpha158']['per_stock_ms']:.1f} ms/stock: {base['per_stock_ms'] / r['alpha158']['per_stock_ms']:.1f}x")
+        peak = max(x["rss_mb"] for x in r.values())
+        print(f"market {a.stocks} stocks x {a.days} days: build {r['build']['wall']:.1f} s, alpha158 "
+              f"{r['alpha158']['seconds']:.1f} s, panel {panel_mb:.0f} MB, peak RSS {peak:.0f} MB, epoch "
+              f"{r['epoch']['seconds']:.1f} s")
+    finally:
+        if not keep:
+            shutil.rmtree(a.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
