@@ -188,8 +188,8 @@ def load(path: str | os.PathLike, verify: bool = True) -> StockTensor:
     path = Path(path)
     manifest = read_manifest(path, verify)
     T, N, F = manifest["shape"]
-    values = np.load(path / "values.npy", mmap_mode="r")
-    mask = np.load(path / "mask.npy", mmap_mode="r")
+    values = np.load(path / "values.npy", mmap_mode="r", allow_pickle=False)
+    mask = np.load(path / "mask.npy", mmap_mode="r", allow_pickle=False)
     if values.shape != (N, T, F) or mask.shape != (N, T, F):
         raise StoreCorruptError(f"{path}: files have shapes {values.shape}/{mask.shape}, manifest says {(N, T, F)}")
     import warnings

@@ -192,8 +192,8 @@ class Store:
     def write_bars(self, symbol: str, data, *, interval: str = "1d", source: str,
                    adjust: str = "raw", adjusted_as_of: str | None = None,
                    timezone: str | None = None, units: dict | None = None,
-                   on_conflict: str = "error", alias: str | None = None, dry_run: bool = False,
-                   adjustment: str | None = None) -> WriteResult:
+                   on_conflict: str = "error", alias: str | None = None, dry_run: bool = False
+                   ) -> WriteResult:
         """Merge bars into ``symbol``'s partition of adjustment ``adjust``: de-duplicate, keep sorted, report
         conflicts. Other adjustments of the symbol are other partitions, left as they are.
 
@@ -203,16 +203,11 @@ class Store:
         ``on_conflict``: "error" (default: raise ConflictError and write nothing), "keep" (stored
         values win) or "overwrite" (new values win; also replaces a partition of another timezone).
         Intraday rows without a ``date`` get the local session date of their ``time``.
-        ``adjust`` is the adjustment the prices are in (stored as the manifest's ``adjustment``);
-        ``adjustment=`` is its old spelling, accepted until every caller says ``adjust=``.
+        ``adjust`` is the adjustment the prices are in (stored as the manifest's ``adjustment``).
         """
         sym = _symbols.normalize(symbol)
         interval = parse_interval(interval)
         kind = interval_kind(interval)
-        if adjustment is not None:
-            if adjust != "raw" and adjust != adjustment:
-                raise BadInputError(f"adjust={adjust!r} and adjustment={adjustment!r} disagree; pass only adjust=")
-            adjust = adjustment
         if adjust not in ADJUSTMENTS:
             raise BadInputError(f"unknown adjustment {adjust!r}; use adjust= one of {ADJUSTMENTS}")
         _check_on_conflict(on_conflict)

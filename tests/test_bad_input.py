@@ -328,7 +328,7 @@ CASES = [
                                                                             source="x"), 2,
          "column 'close' holds true/false values"),
     Case("store: adjustment 'half'", lambda c: c.store.write_bars("MSFT", frame(close=[1.0]), source="x",
-                                                                  adjustment="half"), 2, "unknown adjustment"),
+                                                                  adjust="half"), 2, "unknown adjustment"),
     Case("store: an unknown column read", lambda c: c.store.read("AAPL", columns=["alpha"]), 2,
          "unknown column(s) ['alpha']"),
     Case("store: ticks with naive times", lambda c: c.store.write_ticks(

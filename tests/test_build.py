@@ -156,7 +156,7 @@ def test_adjustments_derived_from_events_match_the_other_vendor(corporate_action
 
 def _bars(store: Store, sym: str, days, close, adjustment="raw", **cols):
     df = pd.DataFrame({"date": pd.to_datetime(list(days)).date, "close": close, "volume": 100.0, **cols})
-    store.write_bars(sym, df, source="test", adjustment=adjustment)
+    store.write_bars(sym, df, source="test", adjust=adjustment)
 
 
 def test_hand_computed_split_and_dividend_adjustment(store):
@@ -415,7 +415,7 @@ def test_cache_hit_miss_and_invalidation(cn_daily_store, tmp_path, monkeypatch):
     other = ft.build(*args, fields=["close"], store=store)                   # another request, another entry
     assert other.meta["cache"] != str(path)
     store.write_bars("600519.SS", pd.DataFrame({"date": [pd.Timestamp("2020-08-25").date()], "close": [1800.0]}),
-                     source="test", adjustment="full")                       # the store changed
+                     source="test", adjust="full")                       # the store changed
     third = ft.build(*args, fields=["close", "volume"], store=store)
     assert third.meta["cache"] != str(path) and third.meta["store_fingerprint"] != first.meta["store_fingerprint"]
     n = len(list((store.root / "tensors").iterdir()))

@@ -22,7 +22,7 @@ def cached(tmp_path, shared_data):
     store = Store(tmp_path / "store")
     raw = pd.read_csv(shared_data / "us_daily/sp500_5yr_yahoo/MSFT_data.csv").iloc[:-1]
     store.write_bars("MSFT", pd.DataFrame({"date": raw.Date, "close": raw.Close, "volume": raw.Volume}),
-                     source="yahoo", adjustment="split")
+                     source="yahoo", adjust="split")
     syn.market(3, 40, seed=1).write(store)
     syn.ticks(1, 2, freq="1min").write_ticks(store)
     return store

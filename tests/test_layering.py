@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("checks", "fileio", "schema", "symbols"),
     ("calendars",),
     ("tensor",),
+    ("ondisk",),
     ("store_rows", "store_checks", "store_verify"),
     ("store",),
     ("sources", "sources."),

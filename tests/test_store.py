@@ -91,7 +91,7 @@ def assert_frame_values(got: pd.DataFrame, want: pd.DataFrame) -> None:
 # ------------------------------------------------------------------------------------- round trips
 def test_daily_round_trip_exact(store, shared_data):
     aapl = sp500(shared_data, "AAPL")
-    res = store.write_bars("AAPL", aapl, source="yahoo", adjustment="split")
+    res = store.write_bars("AAPL", aapl, source="yahoo", adjust="split")
     assert (res.added, res.noop) == (1259, False)
     back = store.read("AAPL", as_pandas=True)
     assert list(back.columns) == ["symbol"] + DAILY_SCHEMA.names
@@ -264,10 +264,10 @@ def test_adjustments_side_by_side_and_timezone_mismatch_refused(store, shared_da
     """Two adjustments of one symbol are two partitions (never a conflict); a timezone mismatch within one
     adjustment is still refused, and overwrite replaces only that adjustment."""
     aapl = sp500(shared_data, "AAPL", rows=20)
-    store.write_bars("AAPL", aapl, source="yahoo", adjustment="split")
+    store.write_bars("AAPL", aapl, source="yahoo", adjust="split")
     split_bytes = snapshot(store.partition_dir("AAPL", adjust="split"))
     raw = aapl.iloc[15:].assign(close=aapl.close.iloc[15:] * 7)  # other values: no conflict across adjustments
-    res = store.write_bars("AAPL", raw, source="lean", adjustment="raw")
+    res = store.write_bars("AAPL", raw, source="lean", adjust="raw")
     assert res.added == 5 and res.partition.endswith("symbol=AAPL/adjust=raw")
     assert store.adjustments("AAPL") == ["raw", "split"]
     assert snapshot(store.partition_dir("AAPL", adjust="split")) == split_bytes
@@ -278,9 +278,9 @@ def test_adjustments_side_by_side_and_timezone_mismatch_refused(store, shared_da
     before = snapshot(store.root)
     with pytest.raises(ConflictError, match="timezone 'America/New_York'.*'Europe/London'.*"
                                             "cache rm AAPL --interval 1d --adjust split"):
-        store.write_bars("AAPL", aapl.iloc[15:], source="x", adjustment="split", timezone="Europe/London")
+        store.write_bars("AAPL", aapl.iloc[15:], source="x", adjust="split", timezone="Europe/London")
     assert snapshot(store.root) == before
-    res = store.write_bars("AAPL", aapl.iloc[15:], source="x", adjustment="split", timezone="Europe/London",
+    res = store.write_bars("AAPL", aapl.iloc[15:], source="x", adjust="split", timezone="Europe/London",
                            on_conflict="overwrite")
     assert res.added == 5 and store.manifest("AAPL", adjust="split")["timezone"] == "Europe/London"
     assert_frame_values(store.read("AAPL", adjust="split", as_pandas=True), aapl.iloc[15:])  # replaced, not mixed
@@ -325,7 +325,7 @@ def test_column_reads_decode_only_those_columns(store, shared_data, monkeypatch)
 def mixed_store(store, shared_data):
     """Real US stocks, the S&P 500 index (daily and 1-minute), A-share ticks and an FX pair."""
     for name in ("AAPL", "MSFT"):
-        store.write_bars(name, sp500(shared_data, name), source="yahoo", adjustment="split")
+        store.write_bars(name, sp500(shared_data, name), source="yahoo", adjust="split")
     hist = pd.read_csv(shared_data / "us_intraday/mplfinance_sp500_1min/SP500_NOV2019_Hist.csv")
     store.write_bars("^GSPC", pd.DataFrame({"date": pd.to_datetime(hist.Date, format="%m/%d/%Y").dt.date,
                                             "open": hist.Open, "high": hist.High, "low": hist.Low,
@@ -492,10 +492,10 @@ def test_read_ticks_refuses_a_corrupted_file(two_symbol_store):
 # -------------------------------------------------------------------------------------- manifest
 def test_manifest_fields(store, shared_data):
     aapl = sp500(shared_data, "AAPL", rows=100)
-    store.write_bars("AAPL", aapl.iloc[:60], source="yahoo", adjustment="split", adjusted_as_of="2017-12-07")
+    store.write_bars("AAPL", aapl.iloc[:60], source="yahoo", adjust="split", adjusted_as_of="2017-12-07")
     first = store.manifest("AAPL")
     time.sleep(1.1)  # timestamps have one-second resolution
-    store.write_bars("AAPL", aapl.iloc[60:], source="yahoo", adjustment="split", adjusted_as_of="2017-12-07")
+    store.write_bars("AAPL", aapl.iloc[60:], source="yahoo", adjust="split", adjusted_as_of="2017-12-07")
     m = store.manifest("AAPL")
     assert (m["kind"], m["symbol"], m["interval"], m["source"]) == ("daily", "AAPL", "1d", "yahoo")
     assert (m["adjustment"], m["adjusted_as_of"], m["timezone"]) == ("split", "2017-12-07", "America/New_York")
@@ -554,7 +554,7 @@ def test_bad_symbols_refused_before_touching_disk(tmp_path, symbol, message):
     (pd.DataFrame({"date": [], "close": []}), {}, "no rows"),
     (pd.DataFrame({"date": ["yesterday"], "close": [1.0]}), {}, "cannot be read as date32"),
     (pd.DataFrame({"date": ["2020-01-02"], "close": [1.0]}), {"on_conflict": "maybe"}, "on_conflict"),
-    (pd.DataFrame({"date": ["2020-01-02"], "close": [1.0]}), {"adjustment": "half"}, "unknown adjustment"),
+    (pd.DataFrame({"date": ["2020-01-02"], "close": [1.0]}), {"adjust": "half"}, "unknown adjustment"),
     (pd.DataFrame({"date": ["2020-01-02"], "close": [1.0]}), {"interval": "7s"}, "unknown interval"),
 ])
 def test_bad_frames_leave_the_store_unchanged(store, shared_data, frame, kwargs, message):

@@ -177,7 +177,7 @@ def test_intraday_incremental_download_starts_after_the_last_stored_bar(fake_yah
     # bars older than Yahoo's 60-day window, stored earlier: the next request must not reach back to them
     old = session_bars("XNYS", (NOW - pd.Timedelta(days=90)).date(), (NOW - pd.Timedelta(days=88)).date(), "5m")
     store.write_bars("AAPL", pd.DataFrame({"time": old.index, **{c: old[c] for c in ("open", "close", "volume")}}),
-                     interval="5m", source="yahoo", adjustment="split", timezone=NY)
+                     interval="5m", source="yahoo", adjust="split", timezone=NY)
     floor = (NOW - pd.Timedelta(days=60)).date() + pd.Timedelta(days=2)
 
     fetch(fake_time, "AAPL", end=d1, interval="5m", store=store)

@@ -235,7 +235,7 @@ class SyntheticMarket:
                     # known to have no corporate actions, so every adjustment (raw/split/full) can be built
                     "dividend": np.zeros(hi - lo), "split": np.ones(hi - lo),
                 })
-                store.write_bars(sym, table, interval="1d", source=SOURCE, adjustment="raw",
+                store.write_bars(sym, table, interval="1d", source=SOURCE, adjust="raw",
                                  timezone=self.timezone, units={"volume": "shares", "price_scale": 1})
                 rows += table.num_rows
         return rows
@@ -476,7 +476,7 @@ def ticks(source: SyntheticMarket | int | Sequence[str] = 50, days: int | Sequen
     order = np.argsort(cols["symbol"], kind="stable")  # days are in order and times within a day too
     out = SyntheticTicks({
         "symbol": pd.Categorical.from_codes(cols["symbol"][order], categories=mkt.symbols),
-        "time": pd.DatetimeIndex(cols["time"][order]).tz_localize("UTC"),
+        "time": pd.DatetimeIndex(cols["time"][order]).floor("us").tz_localize("UTC"),  # the store keeps microseconds
         **{k: cols[k][order] for k in ("price", "volume", "amount", "side")},
     })
     out.timezone = mkt.timezone
