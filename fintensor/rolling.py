@@ -485,6 +485,7 @@ def _comoments_kernel(y, x, out, window, min_periods, ddof, what, x_step, first,
 # the O(window) values a sorted copy of the window moves.
 _NAN_KEY = np.int64(0x7FFFFFFFFFFFFFFF)  # the sort key of NaN (and of rows past the end): last
 _ONE = np.uint64(1)
+_ORDER_MIN_BLOCK = 32  # rows: shorter blocks for short windows would cost more per block than per row
 _ORDER_KEY_BYTES = 1 << 24  # a column chunk's sort keys at most (16 MiB), but never fewer than a strip
 
 
@@ -515,24 +516,24 @@ def _select_in_word(word, k):
 
 
 @njit(inline="always")
-def _select(words, k):
-    """Place of the k-th (from 0) set bit of the bitset ``words`` (which has more than k)."""
+def _select(words, base, k):
+    """Place of the k-th (from 0) set bit of the bitset ``words[base:]`` (which has more than k)."""
     kk = np.uint64(k)
-    i = 0
-    c = _popcount(words[0])
+    i = base
+    c = _popcount(words[i])
     while kk >= c:
         kk -= c
         i += 1
         c = _popcount(words[i])
-    return i * 64 + _select_in_word(words[i], kk)
+    return (i - base) * 64 + _select_in_word(words[i], kk)
 
 
 @njit(inline="always")
-def _count_below(words, place):
-    """Set bits of the bitset ``words`` at places below ``place``."""
-    full = place >> 6
+def _count_below(words, base, place):
+    """Set bits of the bitset ``words[base:]`` at places below ``place``."""
+    full = base + (place >> 6)
     total = np.uint64(0)
-    for i in range(full):
+    for i in range(base, full):
         total += _popcount(words[i])
     rest = np.uint64(place & 63)
     if rest:
@@ -567,14 +568,14 @@ def _block_keys(x, bits, window, row_bits):
 
 
 @njit(**_JIT)
-def _order_kernel(x, keys, out, window, min_periods, whats, qs, method, ascending, pct, c_out, row_bits):
+def _order_kernel(x, keys, out, window, block, min_periods, whats, qs, method, ascending, pct, c_out, row_bits):
     """quantile (linear interpolation) / median / rank of the current value, like pandas, for the
     columns of the float64 chunk ``x`` (out's columns from ``c_out``), each block's values already
     ordered by ``keys``. ``out[k]`` gets statistic ``whats[k]`` (quantile ``qs[k]``): several from
     one pass. A strip of a few columns is walked down time at a time, so that its state stays in
-    cache."""
+    cache. Blocks have ``block`` >= window rows (a window spans at most two)."""
     T, M = x.shape
-    w = window
+    w = block
     n_words = (2 * w + 63) // 64
     low = np.int64((1 << row_bits) - 1)
     nan_high = _NAN_KEY & ~low
@@ -592,7 +593,7 @@ def _order_kernel(x, keys, out, window, min_periods, whats, qs, method, ascendin
         place = np.empty((n, 2 * w), dtype=np.int64)  # row of the pair (previous block 0.., this w..)
         tie_lo = np.empty((n, 2 * w), dtype=np.int64)  # place -> first / past-last place of its value
         tie_hi = np.empty((n, 2 * w), dtype=np.int64)
-        words = np.zeros((n, n_words), dtype=np.uint64)
+        words = np.zeros(n * n_words, dtype=np.uint64)  # column j's bitset from j * n_words
         cnt = np.zeros(n, dtype=np.int64)
         for tb in range(0, T, w):
             te = _imin(tb + w, T)
@@ -618,11 +619,11 @@ def _order_kernel(x, keys, out, window, min_periods, whats, qs, method, ascendin
                 a, b = 0, 0
                 for o in range(k_prev + m):
                     va, vb = pv[a], cur_v[b]
-                    take_a = (a < k_prev) & ((b >= m) | (va <= vb))
-                    pair_v[j, o] = va if take_a else vb
-                    pl[pr[a] if take_a else w + cur_r[b]] = o
-                    a += 1 if take_a else 0
-                    b += 0 if take_a else 1
+                    ta = np.int64((a < k_prev) & ((b >= m) | (va <= vb)))  # 1: take a (arithmetic, no branch)
+                    pair_v[j, o] = va if ta else vb
+                    pl[ta * pr[a] + (1 - ta) * (w + cur_r[b])] = o
+                    a += ta
+                    b += 1 - ta
                 o = k_prev + m
                 if want_rank:
                     g = 0
@@ -634,48 +635,51 @@ def _order_kernel(x, keys, out, window, min_periods, whats, qs, method, ascendin
                             tie_lo[j, u] = g
                             tie_hi[j, u] = h
                         g = h
-                # the window before this block's first row: the previous block's valid values
-                ws = words[j]
-                ws[:] = 0
+                # the window before this block's first row: its last ``window`` rows' valid values
+                wb = j * n_words
+                words[wb:wb + n_words] = 0
+                k = 0
                 for u in range(k_prev):
-                    p = pl[pr[u]]
-                    ws[p >> 6] |= _ONE << np.uint64(p & 63)
-                cnt[j] = k_prev
+                    if pr[u] >= w - window:
+                        p = pl[pr[u]]
+                        words[wb + (p >> 6)] |= _ONE << np.uint64(p & 63)
+                        k += 1
+                cnt[j] = k
                 pv[:m] = cur_v[:m]
                 pr[:m] = cur_r[:m]
                 n_prev[j] = m
             for t in range(tb, te):
                 r = t - tb
+                gone = t - window - (tb - w)  # the row leaving the window, counted in the pair
                 for j in range(n):
-                    ws = words[j]
+                    wb = j * n_words
                     k = cnt[j]
-                    p = place[j, r]  # row t - w leaves (row r of the previous block)
+                    p = place[j, gone] if gone >= 0 else -1
                     if p >= 0:
-                        ws[p >> 6] &= ~(_ONE << np.uint64(p & 63))
+                        words[wb + (p >> 6)] &= ~(_ONE << np.uint64(p & 63))
                         k -= 1
                     p_now = place[j, w + r]
                     if p_now >= 0:
-                        ws[p_now >> 6] |= _ONE << np.uint64(p_now & 63)
+                        words[wb + (p_now >> 6)] |= _ONE << np.uint64(p_now & 63)
                         k += 1
                     cnt[j] = k
-                    pvals = pair_v[j]
                     for s in range(whats.shape[0]):
                         res = _NAN
                         if k >= min_periods and k > 0:
                             if whats[s] == _MEDIAN:
                                 h = k // 2
-                                res = pvals[_select(ws, h)]
+                                res = pair_v[j, _select(words, wb, h)]
                                 if k % 2 == 0:
-                                    res = (pvals[_select(ws, h - 1)] + res) / 2.0
+                                    res = (pair_v[j, _select(words, wb, h - 1)] + res) / 2.0
                             elif whats[s] == _QUANTILE:
                                 pos = qs[s] * (k - 1)
                                 lo = int(pos)
-                                res = pvals[_select(ws, lo)]
+                                res = pair_v[j, _select(words, wb, lo)]
                                 if pos != lo:
-                                    res += (pvals[_select(ws, lo + 1)] - res) * (pos - lo)
+                                    res += (pair_v[j, _select(words, wb, lo + 1)] - res) * (pos - lo)
                             elif p_now >= 0:  # rank of the current value
-                                below = _count_below(ws, tie_lo[j, p_now])
-                                upto = _count_below(ws, tie_hi[j, p_now])
+                                below = _count_below(words, wb, tie_lo[j, p_now])
+                                upto = _count_below(words, wb, tie_hi[j, p_now])
                                 if not ascending:
                                     below, upto = k - upto, k - below
                                 if method == 1:
@@ -693,15 +697,16 @@ def _order_columns(x, out, window, min_periods, whats, qs, method, ascending, pc
     _ORDER_KEY_BYTES: numba writes the keys, numpy sorts them (its integer sort is several times
     faster than one compiled here), numba does the rest. numpy and the kernels release the GIL."""
     T = x.shape[0]
-    row_bits = builtins.max(1, (window - 1).bit_length())
-    padded = -(-T // window) * window
+    block = builtins.max(window, _ORDER_MIN_BLOCK)
+    row_bits = builtins.max(1, (block - 1).bit_length())
+    padded = -(-T // block) * block
     chunk = builtins.max(_ORDER_STRIP, _ORDER_KEY_BYTES // (8 * padded) // _ORDER_STRIP * _ORDER_STRIP)
     for c0 in range(first, stop, chunk):
         c1 = builtins.min(c0 + chunk, stop)
         part = np.ascontiguousarray(x[:, c0:c1], dtype=np.float64)
-        keys = _block_keys(part, part.view(np.int64), window, row_bits)
+        keys = _block_keys(part, part.view(np.int64), block, row_bits)
         keys.sort(axis=-1)
-        _order_kernel(part, keys, out, window, min_periods, whats, qs, method, ascending, pct, c0, row_bits)
+        _order_kernel(part, keys, out, window, block, min_periods, whats, qs, method, ascending, pct, c0, row_bits)
 
 
 # =========================================================================== exponential weights
