@@ -19,6 +19,9 @@ How it is fast and exact (details at each kernel):
   per block. Nothing is ever subtracted out of a running sum, so a spike leaves no residue, and
   sums of squares are taken around a pivot value inside the window, so a price of 1e6 moving by
   1e-3 keeps its digits. It is as exact as recomputing every window, and O(T).
+* median / quantile / rank sort each block's values once (numpy's integer sort of keys that carry
+  the row) and merge adjacent blocks; a window is a bitset over its pair of blocks' sorted order,
+  so a step is a bit flip plus a popcount search, not a shift of a sorted copy.
 * Kernels accumulate in float64 and are compiled (and cached on disk) only for 2-D C-contiguous
   float32 and float64 panels.
 
@@ -40,9 +43,11 @@ import numpy as np
 import torch
 from filelock import FileLock
 from numba import njit, types
+from llvmlite import ir as llvm_ir
 from numba.extending import intrinsic
 
 from .errors import BadInputError
+from .tensor import StockTensor
 
 __all__ = [
     "sum", "mean", "count", "var", "std", "zscore", "min", "max", "argmin", "argmax", "median",
@@ -501,6 +506,29 @@ def _popcount(typingctx, word):
     return types.uint64(types.uint64), codegen
 
 
+@intrinsic
+def _trailing_zeros(typingctx, word):
+    """Zero bits below the lowest set bit of a nonzero uint64 (LLVM's cttz)."""
+    if word != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], llvm_ir.Constant(llvm_ir.IntType(1), 0))
+
+    return types.uint64(types.uint64), codegen
+
+
+@njit(inline="always")
+def _next_set(words, base, place):
+    """Place of the first set bit after ``place`` in the bitset ``words[base:]`` (there is one)."""
+    i = base + (place >> 6)
+    above = words[i] & ~(((_ONE << np.uint64(place & 63)) << _ONE) - _ONE)
+    while above == 0:
+        i += 1
+        above = words[i]
+    return (i - base) * 64 + int(_trailing_zeros(above))
+
+
 @njit(inline="always")
 def _select_in_word(word, k):
     """Place (0..63) of the k-th (from 0) set bit of ``word``, which has more than k: halve the
@@ -668,15 +696,18 @@ def _order_kernel(x, keys, out, window, block, min_periods, whats, qs, method, a
                         if k >= min_periods and k > 0:
                             if whats[s] == _MEDIAN:
                                 h = k // 2
-                                res = pair_v[j, _select(words, wb, h)]
-                                if k % 2 == 0:
-                                    res = (pair_v[j, _select(words, wb, h - 1)] + res) / 2.0
+                                if k % 2:
+                                    res = pair_v[j, _select(words, wb, h)]
+                                else:
+                                    below = _select(words, wb, h - 1)
+                                    res = (pair_v[j, below] + pair_v[j, _next_set(words, wb, below)]) / 2.0
                             elif whats[s] == _QUANTILE:
                                 pos = qs[s] * (k - 1)
                                 lo = int(pos)
-                                res = pair_v[j, _select(words, wb, lo)]
+                                at = _select(words, wb, lo)
+                                res = pair_v[j, at]
                                 if pos != lo:
-                                    res += (pair_v[j, _select(words, wb, lo + 1)] - res) * (pos - lo)
+                                    res += (pair_v[j, _next_set(words, wb, at)] - res) * (pos - lo)
                             elif p_now >= 0:  # rank of the current value
                                 below = _count_below(words, wb, tie_lo[j, p_now])
                                 upto = _count_below(words, wb, tie_hi[j, p_now])
@@ -951,10 +982,6 @@ def _run(kernel: Callable, units: int, *args) -> None:
 
 
 # ====================================================================== inputs and outputs
-def _is_stock_tensor(x) -> bool:
-    return hasattr(x, "dims") and hasattr(x, "with_values") and hasattr(x, "values")
-
-
 def _time_axis(dims: tuple) -> int:
     for name in ("time", "tick"):
         if name in dims:
@@ -980,7 +1007,7 @@ class _Input:
     of the same shape back into the input's type."""
 
     def __init__(self, x, what: str, engine: str):
-        self.tensor = x if _is_stock_tensor(x) else None
+        self.tensor = x if isinstance(x, StockTensor) else None
         data = x.values if self.tensor is not None else x
         self.dims = tuple(self.tensor.dims) if self.tensor is not None else None
         self.is_torch = isinstance(data, torch.Tensor)
@@ -1045,7 +1072,7 @@ def _check_out(out, inp: _Input):
     """The array to write into (numpy, or torch for torch and StockTensor inputs), validated."""
     if out is None:
         return None
-    target = out.values if _is_stock_tensor(out) else out
+    target = out.values if isinstance(out, StockTensor) else out
     wants_torch = inp.is_torch or inp.tensor is not None
     kind = "a torch.Tensor" if wants_torch else "a numpy array"
     if not isinstance(target, torch.Tensor if wants_torch else np.ndarray):
