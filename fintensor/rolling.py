@@ -19,6 +19,9 @@ How it is fast and exact (details at each kernel):
   per block. Nothing is ever subtracted out of a running sum, so a spike leaves no residue, and
   sums of squares are taken around a pivot value inside the window, so a price of 1e6 moving by
   1e-3 keeps its digits. It is as exact as recomputing every window, and O(T).
+* median / quantile / rank sort each block's values once (numpy's integer sort of keys that carry
+  the row) and merge adjacent blocks; a window is a bitset over its pair of blocks' sorted order,
+  so a step is a bit flip plus a popcount search, not a shift of a sorted copy.
 * Kernels accumulate in float64 and are compiled (and cached on disk) only for 2-D C-contiguous
   float32 and float64 panels.
 
@@ -39,9 +42,12 @@ import numba
 import numpy as np
 import torch
 from filelock import FileLock
-from numba import njit
+from numba import njit, types
+from llvmlite import ir as llvm_ir
+from numba.extending import intrinsic
 
 from .errors import BadInputError
+from .tensor import StockTensor
 
 __all__ = [
     "sum", "mean", "count", "var", "std", "zscore", "min", "max", "argmin", "argmax", "median",
@@ -475,108 +481,263 @@ def _comoments_kernel(y, x, out, window, min_periods, ddof, what, x_step, first,
 
 
 # =================================================================== order statistics in a window
-@njit(inline="always")
-def _search(a, base, n, v, right):
-    """Insertion point of v in the sorted a[base:base + n] (after equal values when ``right``):
-    a binary search whose steps are selects, not branches (their outcome is a coin flip)."""
-    if n == 0:
-        return base
-    while n > 1:
-        half = n >> 1
-        m = a[base + half]
-        base = base + half if (m < v) | (right & (m == v)) else base
-        n -= half
-    m = a[base]
-    return base + 1 if (m < v) | (right & (m == v)) else base
+# A window is the suffix of one block of ``window`` rows plus a prefix of the next (as in the block
+# scheme above). Each block's values are sorted once (numpy's integer sort of keys that carry the
+# row), and each pair of adjacent blocks is merged once, so every value has a fixed place in its
+# pair's order; a window is then a set of places, kept as a bitset of 2 x window bits. Adding or
+# removing a value is one bit; the k-th smallest value is found by counting bits (popcount), and the
+# set bits below a place are the rank of a value. A step costs O(window / 64) word operations, not
+# the O(window) values a sorted copy of the window moves.
+_NAN_KEY = np.int64(0x7FFFFFFFFFFFFFFF)  # the sort key of NaN (and of rows past the end): last
+_ONE = np.uint64(1)
+_ORDER_MIN_BLOCK = 32  # rows: shorter blocks for short windows would cost more per block than per row
+_ORDER_KEY_BYTES = 1 << 24  # a column chunk's sort keys at most (16 MiB), but never fewer than a strip
+
+
+@intrinsic
+def _popcount(typingctx, word):
+    """Set bits of a uint64 (LLVM's ctpop: one instruction where the CPU has it)."""
+    if word != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(types.uint64), codegen
+
+
+@intrinsic
+def _trailing_zeros(typingctx, word):
+    """Zero bits below the lowest set bit of a nonzero uint64 (LLVM's cttz)."""
+    if word != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], llvm_ir.Constant(llvm_ir.IntType(1), 0))
+
+    return types.uint64(types.uint64), codegen
 
 
 @njit(inline="always")
-def _shift_down(a):
-    """a[:-1] = a[1:] in place (a memmove; indices from 0 let it vectorise)."""
-    for u in range(a.shape[0] - 1):
-        a[u] = a[u + 1]
+def _next_set(words, base, place):
+    """Place of the first set bit after ``place`` in the bitset ``words[base:]`` (there is one)."""
+    i = base + (place >> 6)
+    above = words[i] & ~(((_ONE << np.uint64(place & 63)) << _ONE) - _ONE)
+    while above == 0:
+        i += 1
+        above = words[i]
+    return (i - base) * 64 + int(_trailing_zeros(above))
 
 
 @njit(inline="always")
-def _shift_up(a):
-    """a[1:] = a[:-1] in place, from the top in groups of four (a descending loop over single
-    values does not vectorise)."""
-    u = a.shape[0] - 1
-    while u >= 4:
-        v1, v2, v3, v4 = a[u - 1], a[u - 2], a[u - 3], a[u - 4]
-        a[u], a[u - 1], a[u - 2], a[u - 3] = v1, v2, v3, v4
-        u -= 4
-    while u > 0:
-        a[u] = a[u - 1]
-        u -= 1
+def _select_in_word(word, k):
+    """Place (0..63) of the k-th (from 0) set bit of ``word``, which has more than k: halve the
+    word six times, counting the set bits of the lower half."""
+    place = np.uint64(0)
+    for width in (np.uint64(32), np.uint64(16), np.uint64(8), np.uint64(4), np.uint64(2), _ONE):
+        low = _popcount(word & ((_ONE << width) - _ONE))
+        skip = k >= low
+        k = k - low if skip else k
+        word = word >> width if skip else word
+        place = place + width if skip else place
+    return int(place)
+
+
+@njit(inline="always")
+def _select(words, base, k):
+    """Place of the k-th (from 0) set bit of the bitset ``words[base:]`` (which has more than k)."""
+    kk = np.uint64(k)
+    i = base
+    c = _popcount(words[i])
+    while kk >= c:
+        kk -= c
+        i += 1
+        c = _popcount(words[i])
+    return (i - base) * 64 + _select_in_word(words[i], kk)
+
+
+@njit(inline="always")
+def _count_below(words, base, place):
+    """Set bits of the bitset ``words[base:]`` at places below ``place``."""
+    full = base + (place >> 6)
+    total = np.uint64(0)
+    for i in range(base, full):
+        total += _popcount(words[i])
+    rest = np.uint64(place & 63)
+    if rest:
+        total += _popcount(words[full] & ((_ONE << rest) - _ONE))
+    return int(total)
 
 
 @njit(**_JIT)
-def _order_kernel(x, out, window, min_periods, whats, qs, method, ascending, pct, first, stop):
-    """quantile (linear interpolation) / median / rank of the current value, like pandas, from a
-    sorted copy of each column's valid window values: each step finds the leaving and the new
-    value's places by binary search and moves the values between them by one slot (a memmove,
-    no allocation). ``out[k]`` gets statistic ``whats[k]`` (quantile ``qs[k]``): several from one
-    pass over the sorted windows. A strip of a few columns is walked down time at a time, so that
-    its sorted windows stay in cache."""
-    T = x.shape[0]
-    w = window
-    for c0 in range(first, stop, _ORDER_STRIP):
-        n = _imin(_ORDER_STRIP, stop - c0)
-        buf = np.empty(n * w)  # column j's sorted values: buf[j * w : j * w + cnt[j]]
-        cnt = np.zeros(n, dtype=np.int64)
-        for t in range(T):
-            xr = x[t, c0:c0 + n]
-            xo = x[_imax(t - w, 0), c0:c0 + n]
+def _block_keys(x, bits, window, row_bits):
+    """(columns, blocks, window) int64 sort keys of a (T, columns) float64 chunk ``x`` (``bits``
+    is the same memory as int64) cut into blocks of ``window`` rows: the value's bits mapped to an
+    integer of the same order, its lowest ``row_bits`` bits replaced by the row's offset in the
+    block (NaN and rows past the end sort last). Values that differ only in the replaced bits may
+    sort in the wrong order; ``_order_kernel`` repairs that."""
+    T, n = x.shape
+    n_blocks = (T + window - 1) // window
+    keys = np.empty((n, n_blocks, window), dtype=np.int64)
+    low = np.int64((1 << row_bits) - 1)
+    flip = np.int64(0x7FFFFFFFFFFFFFFF)
+    for t in range(n_blocks * window):
+        b, r = t // window, t % window
+        if t < T:
             for j in range(n):
-                base = j * w
-                k = cnt[j]
-                v = np.float64(xr[j])
-                old = np.float64(xo[j]) if t >= w else _NAN
-                if old == old:
-                    i = _search(buf, base, k, old, False)
-                    if v == v:  # replace: shift the values between old's and v's places by one
-                        p = _search(buf, base, k, v, False)
-                        if p > i:
-                            _shift_down(buf[i:p])
-                            buf[p - 1] = v
-                        else:
-                            _shift_up(buf[p:i + 1])
-                            buf[p] = v
-                    else:  # remove
-                        _shift_down(buf[i:base + k])
-                        k -= 1
-                elif v == v:  # insert
-                    p = _search(buf, base, k, v, False)
-                    _shift_up(buf[p:base + k + 1])
-                    buf[p] = v
-                    k += 1
+                k = bits[t, j]
+                k = k ^ ((k >> 63) & flip)  # negative floats: reverse their order
+                k = k if x[t, j] == x[t, j] else _NAN_KEY
+                keys[j, b, r] = (k & ~low) | r
+        else:
+            for j in range(n):
+                keys[j, b, r] = _NAN_KEY
+    return keys
+
+
+@njit(**_JIT)
+def _order_kernel(x, keys, out, window, block, min_periods, whats, qs, method, ascending, pct, c_out, row_bits):
+    """quantile (linear interpolation) / median / rank of the current value, like pandas, for the
+    columns of the float64 chunk ``x`` (out's columns from ``c_out``), each block's values already
+    ordered by ``keys``. ``out[k]`` gets statistic ``whats[k]`` (quantile ``qs[k]``): several from
+    one pass. A strip of a few columns is walked down time at a time, so that its state stays in
+    cache. Blocks have ``block`` >= window rows (a window spans at most two)."""
+    T, M = x.shape
+    w = block
+    n_words = (2 * w + 63) // 64
+    low = np.int64((1 << row_bits) - 1)
+    nan_high = _NAN_KEY & ~low
+    want_rank = False
+    for s in range(whats.shape[0]):
+        want_rank |= whats[s] == _RANK
+    for c0 in range(0, M, _ORDER_STRIP):
+        n = _imin(_ORDER_STRIP, M - c0)
+        prev_v = np.empty((n, w + 1))  # the previous block's valid values, sorted, and their rows
+        prev_r = np.zeros((n, w + 1), dtype=np.int64)
+        n_prev = np.zeros(n, dtype=np.int64)
+        cur_v = np.empty(w + 1)
+        cur_r = np.zeros(w + 1, dtype=np.int64)
+        pair_v = np.empty((n, 2 * w))  # the pair's valid values, sorted
+        place = np.empty((n, 2 * w), dtype=np.int64)  # row of the pair (previous block 0.., this w..)
+        tie_lo = np.empty((n, 2 * w), dtype=np.int64)  # place -> first / past-last place of its value
+        tie_hi = np.empty((n, 2 * w), dtype=np.int64)
+        words = np.zeros(n * n_words, dtype=np.uint64)  # column j's bitset from j * n_words
+        cnt = np.zeros(n, dtype=np.int64)
+        for tb in range(0, T, w):
+            te = _imin(tb + w, T)
+            for j in range(n):
+                # this block's valid values in order, from the sorted keys (NaN keys come last)
+                ks = keys[c0 + j, tb // w]
+                m = 0
+                while m < w and (ks[m] & ~low) != nan_high:
+                    r = ks[m] & low
+                    cur_v[m] = x[tb + r, c0 + j]
+                    cur_r[m] = r
+                    m += 1
+                for i in range(1, m):  # repair values that differ only in the key's row bits
+                    u = i
+                    while u > 0 and cur_v[u - 1] > cur_v[u]:
+                        cur_v[u - 1], cur_v[u] = cur_v[u], cur_v[u - 1]
+                        cur_r[u - 1], cur_r[u] = cur_r[u], cur_r[u - 1]
+                        u -= 1
+                # merge the previous block (rows 0..w-1) and this one (rows w..) into the pair order
+                pv, pr, k_prev = prev_v[j], prev_r[j], n_prev[j]
+                pl = place[j]
+                pl[:] = -1
+                a, b = 0, 0
+                for o in range(k_prev + m):
+                    va, vb = pv[a], cur_v[b]
+                    ta = np.int64((a < k_prev) & ((b >= m) | (va <= vb)))  # 1: take a (arithmetic, no branch)
+                    pair_v[j, o] = va if ta else vb
+                    pl[ta * pr[a] + (1 - ta) * (w + cur_r[b])] = o
+                    a += ta
+                    b += 1 - ta
+                o = k_prev + m
+                if want_rank:
+                    g = 0
+                    while g < o:
+                        h = g + 1
+                        while h < o and pair_v[j, h] == pair_v[j, g]:
+                            h += 1
+                        for u in range(g, h):
+                            tie_lo[j, u] = g
+                            tie_hi[j, u] = h
+                        g = h
+                # the window before this block's first row: its last ``window`` rows' valid values
+                wb = j * n_words
+                words[wb:wb + n_words] = 0
+                k = 0
+                for u in range(k_prev):
+                    if pr[u] >= w - window:
+                        p = pl[pr[u]]
+                        words[wb + (p >> 6)] |= _ONE << np.uint64(p & 63)
+                        k += 1
                 cnt[j] = k
-                for s in range(whats.shape[0]):
-                    res = _NAN
-                    if k >= min_periods and k > 0:
-                        if whats[s] == _MEDIAN:
-                            h = base + k // 2
-                            res = buf[h] if k % 2 else (buf[h - 1] + buf[h]) / 2.0
-                        elif whats[s] == _QUANTILE:
-                            pos = qs[s] * (k - 1)
-                            lo = int(pos)
-                            res = buf[base + lo]
-                            if pos != lo:
-                                res += (buf[base + lo + 1] - res) * (pos - lo)
-                        elif v == v:  # rank of the current value
-                            below = _search(buf, base, k, v, False) - base
-                            upto = _search(buf, base, k, v, True) - base
-                            if not ascending:
-                                below, upto = k - upto, k - below
-                            if method == 1:
-                                res = below + 1.0
-                            elif method == 2:
-                                res = float(upto)
-                            else:
-                                res = (below + 1 + upto) / 2.0
-                            res = res / k if pct else res
-                    out[s, t, c0 + j] = res
+                pv[:m] = cur_v[:m]
+                pr[:m] = cur_r[:m]
+                n_prev[j] = m
+            for t in range(tb, te):
+                r = t - tb
+                gone = t - window - (tb - w)  # the row leaving the window, counted in the pair
+                for j in range(n):
+                    wb = j * n_words
+                    k = cnt[j]
+                    p = place[j, gone] if gone >= 0 else -1
+                    if p >= 0:
+                        words[wb + (p >> 6)] &= ~(_ONE << np.uint64(p & 63))
+                        k -= 1
+                    p_now = place[j, w + r]
+                    if p_now >= 0:
+                        words[wb + (p_now >> 6)] |= _ONE << np.uint64(p_now & 63)
+                        k += 1
+                    cnt[j] = k
+                    for s in range(whats.shape[0]):
+                        res = _NAN
+                        if k >= min_periods and k > 0:
+                            if whats[s] == _MEDIAN:
+                                h = k // 2
+                                if k % 2:
+                                    res = pair_v[j, _select(words, wb, h)]
+                                else:
+                                    below = _select(words, wb, h - 1)
+                                    res = (pair_v[j, below] + pair_v[j, _next_set(words, wb, below)]) / 2.0
+                            elif whats[s] == _QUANTILE:
+                                pos = qs[s] * (k - 1)
+                                lo = int(pos)
+                                at = _select(words, wb, lo)
+                                res = pair_v[j, at]
+                                if pos != lo:
+                                    res += (pair_v[j, _next_set(words, wb, at)] - res) * (pos - lo)
+                            elif p_now >= 0:  # rank of the current value
+                                below = _count_below(words, wb, tie_lo[j, p_now])
+                                upto = _count_below(words, wb, tie_hi[j, p_now])
+                                if not ascending:
+                                    below, upto = k - upto, k - below
+                                if method == 1:
+                                    res = below + 1.0
+                                elif method == 2:
+                                    res = float(upto)
+                                else:
+                                    res = (below + 1 + upto) / 2.0
+                                res = res / k if pct else res
+                        out[s, t, c_out + c0 + j] = res
+
+
+def _order_columns(x, out, window, min_periods, whats, qs, method, ascending, pct, first, stop):
+    """``_order_kernel`` over columns first..stop-1 of x, in chunks whose sort keys fit
+    _ORDER_KEY_BYTES: numba writes the keys, numpy sorts them (its integer sort is several times
+    faster than one compiled here), numba does the rest. numpy and the kernels release the GIL."""
+    T = x.shape[0]
+    block = builtins.max(window, _ORDER_MIN_BLOCK)
+    row_bits = builtins.max(1, (block - 1).bit_length())
+    padded = -(-T // block) * block
+    chunk = builtins.max(_ORDER_STRIP, _ORDER_KEY_BYTES // (8 * padded) // _ORDER_STRIP * _ORDER_STRIP)
+    for c0 in range(first, stop, chunk):
+        c1 = builtins.min(c0 + chunk, stop)
+        part = np.ascontiguousarray(x[:, c0:c1], dtype=np.float64)
+        keys = _block_keys(part, part.view(np.int64), block, row_bits)
+        keys.sort(axis=-1)
+        _order_kernel(part, keys, out, window, block, min_periods, whats, qs, method, ascending, pct, c0, row_bits)
 
 
 # =========================================================================== exponential weights
@@ -821,10 +982,6 @@ def _run(kernel: Callable, units: int, *args) -> None:
 
 
 # ====================================================================== inputs and outputs
-def _is_stock_tensor(x) -> bool:
-    return hasattr(x, "dims") and hasattr(x, "with_values") and hasattr(x, "values")
-
-
 def _time_axis(dims: tuple) -> int:
     for name in ("time", "tick"):
         if name in dims:
@@ -850,7 +1007,7 @@ class _Input:
     of the same shape back into the input's type."""
 
     def __init__(self, x, what: str, engine: str):
-        self.tensor = x if _is_stock_tensor(x) else None
+        self.tensor = x if isinstance(x, StockTensor) else None
         data = x.values if self.tensor is not None else x
         self.dims = tuple(self.tensor.dims) if self.tensor is not None else None
         self.is_torch = isinstance(data, torch.Tensor)
@@ -915,7 +1072,7 @@ def _check_out(out, inp: _Input):
     """The array to write into (numpy, or torch for torch and StockTensor inputs), validated."""
     if out is None:
         return None
-    target = out.values if _is_stock_tensor(out) else out
+    target = out.values if isinstance(out, StockTensor) else out
     wants_torch = inp.is_torch or inp.tensor is not None
     kind = "a torch.Tensor" if wants_torch else "a numpy array"
     if not isinstance(target, torch.Tensor if wants_torch else np.ndarray):
@@ -1279,7 +1436,7 @@ def _order(kind: str, mode: int, x, window, min_periods, axis, out, engine, q=0.
         raise BadInputError(f"quantile q must be a number from 0 to 1, got {q!r}")
 
     def numba_fn(p, r):
-        _run(_order_kernel, p.shape[1], p, r[None], window, min_periods, np.array([mode]), np.array([float(q)]),
+        _run(_order_columns, p.shape[1], p, r[None], window, min_periods, np.array([mode]), np.array([float(q)]),
              _RANK_METHODS[method], bool(ascending), bool(pct))
 
     return _apply(x, axis, out, engine, numba_fn, lambda p: _torch_rolling(
@@ -1295,7 +1452,7 @@ def _order_stats(x: np.ndarray, window: int, min_periods: int, quantiles=(), pct
     x = np.ascontiguousarray(x, dtype=np.float64)
     out = np.empty((len(whats),) + x.shape)
     if x.size:
-        _run(_order_kernel, x.shape[1], x, out, int(window), int(min_periods), whats, qs, 0, True, True)
+        _run(_order_columns, x.shape[1], x, out, int(window), int(min_periods), whats, qs, 0, True, True)
     return list(out)
 
 

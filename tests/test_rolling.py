@@ -482,3 +482,26 @@ def test_edge_shapes():
     one = rolling.sum(np.array([1.0, 2.0, np.nan, 4.0]), 10, min_periods=1)
     np.testing.assert_array_equal(one, [1.0, 3.0, 3.0, 7.0])
     np.testing.assert_array_equal(rolling.sum(np.full(3, np.nan), 2, min_periods=0), [0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("window", [20, 33, 64, 250])
+def test_order_statistics_of_long_windows_equal_pandas(window):
+    """median / quantile / rank over many blocks and bitset words, with ties, values that differ
+    only in their last bits (their sort keys tie), -0.0 next to 0.0, and NaN runs."""
+    rng = np.random.default_rng(window)
+    T, N = 700, 6
+    x = 100.0 + rng.standard_normal((T, N)).cumsum(axis=0)
+    x[:, 1] = rng.integers(0, 4, T)  # ties
+    x[:, 2] = 1.0 + rng.integers(0, 6, T) * np.finfo(float).eps  # neighbours one ulp apart
+    x[:, 3] = np.where(rng.random(T) < 0.5, -0.0, 0.0) + rng.integers(-1, 2, T)
+    x[rng.random((T, N)) < 0.1] = np.nan
+    x[100:100 + 2 * window, 4] = np.nan  # a gap longer than a window
+    frame = pd.DataFrame(x)
+    minp = window // 2
+    r = frame.rolling(window, min_periods=minp)
+    np.testing.assert_array_equal(rolling.median(x, window, min_periods=minp), r.median().to_numpy())
+    np.testing.assert_allclose(rolling.quantile(x, window, 0.3, min_periods=minp), r.quantile(0.3).to_numpy(),
+                               rtol=1e-15, atol=0)
+    np.testing.assert_array_equal(rolling.rank(x, window, min_periods=minp), r.rank().to_numpy())
+    np.testing.assert_array_equal(rolling.rank(x, window, method="max", ascending=False, pct=True, min_periods=minp),
+                                  r.rank(method="max", ascending=False, pct=True).to_numpy())
