@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +36,9 @@ BUILD_VERSION = 2
 ADJUSTMENTS = ("raw", "split", "full", "as_stored")
 #: Period labels of weekly/monthly bars: the period's first day (Yahoo's) or its last.
 LABELS = ("start", "end")
+#: engines that run a build (or a feature computation) on other machines: name -> the module that does it.
+#: Such a module sits above this one (it calls ``build`` in its tasks), so it is imported by name, on demand.
+ENGINES = {"ray": "fintensor.cluster"}
 
 
 class BuildWarning(UserWarning):
@@ -271,10 +276,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------------- daily build
+def engine_module(name: str, options: Mapping[str, Any] | None) -> tuple[Any, dict]:
+    """The module that implements ``engine=name`` (see ENGINES) and its checked ``engine_options``
+    (the module's ``ENGINE_OPTIONS`` name the ones it takes)."""
+    checks.choice("engine", name, tuple(ENGINES))
+    if options is not None and not isinstance(options, Mapping):
+        raise BadInputError(f"engine_options must be a dict such as {{'address': 'auto'}}, got {type(options).__name__}")
+    module = importlib.import_module(ENGINES[name])
+    unknown = sorted(set(options or {}) - set(module.ENGINE_OPTIONS))
+    if unknown:
+        raise BadInputError(f"engine {name!r} takes engine_options {', '.join(module.ENGINE_OPTIONS)}; "
+                            f"not {', '.join(map(str, unknown))}")
+    return module, dict(options or {})
+
+
 def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] = ("close",),
           interval: str = "1d", store: Store | str | os.PathLike | None = None, calendar: str | None = None,
           adjust: str = "full", fill=None, dtype: torch.dtype = torch.float32,
-          cache: bool = True, label: str = "start") -> StockTensor:
+          cache: bool = True, label: str = "start", engine: str | None = None,
+          engine_options: Mapping[str, Any] | None = None) -> StockTensor:
     """A (time, stock, feature) tensor of ``fields`` for ``symbols`` on the exchange's sessions [start, end].
 
     ``calendar``: inferred from the symbols (XNYS for US, XSHG for A-shares, '24/7' for ``-USD`` crypto,
@@ -288,22 +308,66 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
     ``label='end'``), or intraday ('1m', '5m', '60m': UTC slot instants over the sessions; see
     ``build_ticks``). ``fill``: None, 'ffill' or ('ffill', LIMIT): carry prices over missing sessions
     inside the stock's listing (flows become 0); filled cells keep mask False.
+
+    ``engine="ray"``: build blocks of stocks as Ray tasks (``fintensor.cluster.build``; bars, not intraday)
+    with ``engine_options`` such as {"address": "auto", "num_cpus": 8, "block_size": 100, "retries": 3}:
+    the same tensor, bit for bit, and the same cache entry.
     """
+    checks.boolean("cache", cache)
+    if engine is not None:
+        module, options = engine_module(engine, engine_options)
+        return module.build(symbols, start, end, fields, interval=interval, store=store, calendar=calendar,
+                            adjust=adjust, fill=fill, dtype=dtype, cache=cache, label=label, **options)
+    if engine_options is not None:
+        raise BadInputError("engine_options go with engine= (e.g. engine='ray')")
+    if interval_kind(parse_interval(interval)) == "intraday":
+        syms = _symbol_list(symbols)
+        if adjust not in ADJUSTMENTS:
+            raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(ADJUSTMENTS)}")
+        checks.choice("label", label, LABELS)
+        if _parse_fill(fill) is not None:
+            raise BadInputError("fill applies to daily builds; intraday 'price' is already carried within "
+                                "each day (use fields=['price', ...])")
+        tdtype = _torch_dtype(dtype)
+        lo, hi = _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
+        return _build_intraday(syms, lo, hi, fields, parse_interval(interval), store, calendar, adjust, tdtype,
+                               cache)
+    plan = plan_build(symbols, start, end, fields, interval, store, calendar, adjust, fill, dtype, label)
+    tensor = _cached(plan.store, plan.request, cache, plan.make)
+    _warn_unkept(tensor, plan.syms, *plan.row_range)
+    return tensor
+
+
+@dataclass
+class BuildPlan:
+    """What a bar build resolved before reading a row: the store, symbols, axis and cache key (``request``),
+    and ``make``, which reads the rows. ``ft.build`` and ``cluster.build`` share it, so both check the same
+    input the same way and key the same cache entry."""
+
+    store: Store
+    syms: list[str]
+    fields: list[str]
+    days: np.ndarray
+    row_range: tuple[dt.date, dt.date]
+    request: dict
+    make: Callable[[], StockTensor]
+    dtype: torch.dtype
+
+
+def plan_build(symbols, start, end, fields, interval: str = "1d", store=None, calendar: str | None = None,
+               adjust: str = "full", fill=None, dtype=torch.float32, label: str = "start") -> BuildPlan:
+    """Check ``ft.build``'s arguments for daily/weekly/monthly bars against the store and resolve them
+    (symbols, stored adjustments, calendar, axis, cache key); reads manifests only."""
     syms = _symbol_list(symbols)
     interval = parse_interval(interval)
-    intraday = interval_kind(interval) == "intraday"
+    if interval_kind(interval) == "intraday":
+        raise BadInputError(f"plan_build plans bar builds of 1d/1wk/1mo, not {interval!r}")
     if adjust not in ADJUSTMENTS:
         raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(ADJUSTMENTS)}")
     checks.choice("label", label, LABELS)
-    checks.boolean("cache", cache)
     fill_spec = _parse_fill(fill)
     tdtype = _torch_dtype(dtype)
     lo, hi = _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
-    if intraday:
-        if fill_spec is not None:
-            raise BadInputError("fill applies to daily builds; intraday 'price' is already carried within "
-                                "each day (use fields=['price', ...])")
-        return _build_intraday(syms, lo, hi, fields, interval, store, calendar, adjust, tdtype, cache)
     fields = _field_list(fields, DAILY_FIELDS)
     store = _as_store(store)
     chosen = {s: stored_adjustment(store, s, interval, adjust) for s in syms}
@@ -344,12 +408,14 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
         else:
             read_days = _sessions(cal, own, first, hi)
     period = None if interval == "1d" else (interval, label)
-    tensor = _cached(store, request, cache,
-                     lambda: _build_daily(store, syms, manifests, read_days, fields, cal, adjust, fill_spec, tdtype,
-                                          request["fingerprint"], keep_from=len(read_days) - len(days),
-                                          period=period, row_range=(range_lo, range_hi)))
-    _warn_unkept(tensor, syms, range_lo, range_hi)
-    return tensor
+
+    def make() -> StockTensor:
+        return _build_daily(store, syms, manifests, read_days, fields, cal, adjust, fill_spec, tdtype,
+                            request["fingerprint"], keep_from=len(read_days) - len(days), period=period,
+                            row_range=(range_lo, range_hi))
+
+    return BuildPlan(store, syms, fields, days, (range_lo, range_hi), request, make, tdtype)
+
 
 
 def _warn_unkept(tensor: StockTensor, syms: list[str], lo, hi) -> None:

@@ -341,6 +341,9 @@ def add_build(sub, common):
     g.add_argument("--fields", nargs="+", metavar="FIELD", help="default: close (daily), price volume (ticks)")
     g.add_argument("--freq", help="tick slot length (3s, 1min): builds (day, tick, stock, feature)")
     g.add_argument("--yahoo", action="store_true", help="download what the store lacks from Yahoo")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="build blocks of stocks as Ray tasks (bars, not ticks): a local cluster, or ADDRESS "
+                        "('auto': the running one); the same tensor and cache entry")
     _compact(p, "options (default: the symbols' own calendar, full adjustment, no fill, float32)",
              ("--interval", dict(shown="--interval 1d|1wk|1mo|1m|60m|tick")),
              ("--label", dict(choices=("start", "end"), shown="--label start|end (1wk/1mo periods)")),
@@ -389,7 +392,8 @@ def cmd_build(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BuildWarning)
         try:
-            tensor = recipe.build(_store(args), cache=not args.no_cache, quiet=args.quiet or args.json)
+            tensor = recipe.build(_store(args), cache=not args.no_cache, quiet=args.quiet or args.json,
+                                  build_bars=_ray_build(args.ray))
         except FintensorError as exc:  # the API's advice, in flags
             exc.args = (_cli_words(str(exc)),) + exc.args[1:]
             raise
@@ -410,6 +414,17 @@ def cmd_build(args) -> int:
               "or get the data with `fintensor import` / `fintensor download`", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _ray_build(address: str | None):
+    """`build --ray [ADDRESS]`: fintensor.cluster.build in place of ft.build (None: ft.build)."""
+    if address is None:
+        return None
+    import functools
+
+    from .cluster import build
+
+    return functools.partial(build, address=None if address == "local" else address)
 
 
 def _cli_words(message: str) -> str:
@@ -528,7 +543,7 @@ def add_train(sub, common):
     p.add_argument("--seed", type=int, default=0, help="(default 0; a CPU run is bit-reproducible)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="train under Ray Train (DDP): a local cluster, or ADDRESS ('auto': the running one)")
-    p.add_argument("--ray-workers", type=int, default=2, metavar="N", help="Ray Train worker processes (2)")
+    p.add_argument("--ray-workers", type=int, default=2, metavar="N", help="Ray Train worker processes (default 2)")
     g = p.add_argument_group("segments (inclusive dates; default --split 0.6 0.2 0.2)")
     for name in ("train", "valid", "test"):
         g.add_argument(f"--{name}", nargs=2, metavar=("START", "END"))

@@ -6,7 +6,8 @@ needs no overlap with its neighbours: a task runs ``ft.build`` on its block (rea
 path, which every node must see) and then ``ft.features.compute``; the driver assembles the blocks along
 the stock axis into exactly the tensor the single-process call returns (values, mask, coords and meta).
 Ray is optional (``pip install 'fintensor[ray]'``); these functions are the bodies of
-``engine="ray"`` in ``ft.build`` / ``ft.features.compute`` and of the CLI's ``--ray [ADDRESS]``.
+``engine="ray"`` in ``ft.build`` / ``ft.features.compute`` (found through ``builder.ENGINES``: the
+single-process modules never import this one) and of the CLI's ``--ray [ADDRESS]``.
 
 Blocks never reach the tensor cache; only a fully assembled build is cached, under the key the
 single-process ``ft.build`` uses, so either path finds the other's entry.
@@ -27,7 +28,8 @@ from . import builder as _builder
 from . import calendars as _calendars
 from . import checks
 from .errors import BadInputError, FintensorError
-from .store import Store, parse_interval
+from .schema import interval_kind, parse_interval
+from .store import Store
 from .tensor import StockTensor
 
 __all__ = ["ClusterError", "connect", "plan_blocks", "build", "features", "train", "INSTALL_HINT"]
@@ -40,7 +42,9 @@ TARGET_BLOCK_BYTES = 768 * 2**20
 #: (creating MARKER), "crash:SYMBOL" every time, "raise:SYMBOL" raises every time.
 FAULT_ENV = "FINTENSOR_CLUSTER_FAULT"
 #: Meta entries that are one value per symbol: merged across blocks, in symbol order.
-_PER_SYMBOL_META = ("store_checksums", "off_calendar_rows")
+_PER_SYMBOL_META = ("store_checksums", "rows")
+#: what ``ft.build(engine="ray", engine_options=...)`` and ``ft.features.compute(engine="ray", ...)`` pass on
+ENGINE_OPTIONS = ("address", "num_cpus", "block_size", "retries", "progress")
 
 
 class ClusterError(FintensorError):
@@ -53,7 +57,7 @@ def _ray():
     try:
         import ray
     except ImportError as exc:
-        raise BadInputError(f"engine='ray' needs Ray, which is not installed here ({exc}); install it with "
+        raise BadInputError(f"fintensor.cluster (and --ray) needs Ray, which is not installed here ({exc}); install it with "
                             f"{INSTALL_HINT}, or leave engine unset to build in this process") from None
     return ray
 
@@ -193,7 +197,7 @@ def _assemble(results: list[dict], blocks: list[list[str]], meta: dict) -> Stock
     for r in results[1:]:
         for d in dims:
             if d != "stock" and not np.array_equal(r["coords"][d], results[0]["coords"][d]):
-                raise ClusterError(f"the blocks disagree on the {d!r} axis; rebuild without engine='ray' and "
+                raise ClusterError(f"the blocks disagree on the {d!r} axis; rebuild without Ray (ft.build) and "
                                    "report this as a bug")
     shape = list(results[0]["values"].shape)
     shape[axis] = sum(r["values"].shape[axis] for r in results)
@@ -236,36 +240,23 @@ def _merge_meta(results: list[dict], blocks: list[list[str]], fingerprint: str |
             out[key] = have[0]
         else:
             raise ClusterError(f"the blocks disagree on meta[{key!r}] ({have[:2]}...); rebuild without "
-                               "engine='ray' and report this as a bug")
+                               "Ray (ft.build) and report this as a bug")
     return out
 
 
 # ----------------------------------------------------------------------------------- build
-def _daily_plan(symbols, start, end, fields, store, calendar, adjust, fill, dtype) -> dict:
-    """Everything ``ft.build`` checks before it reads a row, and its cache request: done on the driver,
-    so bad input is refused before any cluster starts. Mirrors ``builder.build``'s daily path."""
-    syms = _builder._symbol_list(symbols)
-    fields = _builder._field_list(fields, _builder.DAILY_FIELDS)
-    if adjust not in _builder.ADJUSTMENTS:
-        raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(_builder.ADJUSTMENTS)}")
-    fill_spec = _builder._parse_fill(fill)
-    tdtype = _builder._torch_dtype(dtype)
-    lo, hi = _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
-    cal, own = _builder._calendar_for(syms, calendar)
-    days = _builder._sessions(cal, own, lo, hi)
-    store = _builder._as_store(store)
-    manifests = {s: store.manifest(s, "1d") for s in syms}
-    missing = [s for s, m in manifests.items() if m is None]
-    if missing:
-        raise _builder._missing_error(store, missing, "1d", lo, hi)
-    request = dict(kind="build", version=_builder.BUILD_VERSION, symbols=syms, start=str(days[0]),
-                   end=str(days[-1]), fields=fields, interval="1d", calendar=cal, adjust=adjust, fill=fill_spec,
-                   dtype=_builder._dtype_name(tdtype), fingerprint=store.fingerprint(syms, "1d"))
-    # what each block's ft.build gets: the store by path (a Store object holds this process's state)
-    kwargs = dict(start=start, end=end, fields=fields, interval="1d", store=str(store.root), calendar=calendar,
-                  adjust=adjust, fill=fill, dtype=tdtype)
-    return dict(syms=syms, store=store, request=request, kwargs=kwargs, n_time=len(days), fields=fields,
-                itemsize=torch.empty(0, dtype=tdtype).element_size())
+def _plan(symbols, start, end, fields="close", interval="1d", store=None, calendar=None, adjust="full",
+          fill=None, dtype=torch.float32, label="start") -> tuple[_builder.BuildPlan, dict]:
+    """``ft.build``'s own checks and cache key (``builder.plan_build``, on the driver: bad input is refused
+    before any cluster starts), and the arguments each block's ``ft.build`` gets."""
+    plan = _builder.plan_build(symbols, start, end, fields, interval, store, calendar, adjust, fill, dtype, label)
+    if plan.request["calendar"] == _calendars.DATA:
+        raise BadInputError("calendar='data' aligns on the stored dates of all symbols together, which a block "
+                            "of them does not see; name the exchange (e.g. calendar='XNYS') or build without Ray")
+    # the store by path (a Store object holds this process's state)
+    kwargs = dict(start=start, end=end, fields=plan.fields, interval=interval, store=str(plan.store.root),
+                  calendar=calendar, adjust=adjust, fill=fill, dtype=plan.dtype, label=label)
+    return plan, kwargs
 
 
 def _check_common(block_size, retries, progress) -> None:
@@ -278,8 +269,9 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
           interval: str = "1d", store: Store | str | os.PathLike | None = None, calendar: str | None = None,
           adjust: str = "full", fill=None, dtype: torch.dtype = torch.float32, cache: bool = True,
           address: str | None = None, num_cpus: int | None = None, block_size: int | None = None,
-          retries: int = 3, progress: bool | None = None) -> StockTensor:
-    """``ft.build`` (daily) on a Ray cluster: the same arguments and the same tensor, bit for bit.
+          retries: int = 3, progress: bool | None = None, label: str = "start") -> StockTensor:
+    """``ft.build`` (daily, weekly, monthly bars) on a Ray cluster: the same arguments, the same checks,
+    warnings and cache entry, and the same tensor, bit for bit.
 
     ``address``: "auto" = an existing cluster, None = a local one of ``num_cpus``. ``block_size``:
     symbols per task (default: see ``plan_blocks``). ``retries``: how often Ray reruns a block whose
@@ -287,20 +279,22 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
     tensor under the same key as ``ft.build`` (blocks are never cached).
     """
     _check_common(block_size, retries, progress)
-    if parse_interval(interval) != "1d":
-        raise BadInputError(f"engine='ray' builds daily bars; build interval {interval!r} without engine='ray'")
-    plan = _daily_plan(symbols, start, end, fields, store, calendar, adjust, fill, dtype)
+    if interval_kind(parse_interval(interval)) == "intraday":
+        raise BadInputError(f"Ray builds daily, weekly or monthly bars; build interval {interval!r} "
+                            "in one process (ft.build; the CLI without --ray)")
+    plan, kwargs = _plan(symbols, start, end, fields, interval, store, calendar, adjust, fill, dtype, label)
 
     def make() -> StockTensor:
         ray = connect(address, num_cpus=num_cpus)
-        blocks = plan_blocks(plan["syms"], plan["n_time"], len(plan["fields"]), block_size=block_size,
-                             workers=_cluster_cpus(ray), itemsize=plan["itemsize"])
-        results = _run_blocks(ray, blocks, lambda b: (b, plan["kwargs"], None, None, None), retries=retries,
-                              progress=progress, what=f"building {len(plan['syms'])} stocks on Ray")
-        meta = _merge_meta(results, blocks, plan["request"]["fingerprint"])
-        return _assemble(results, blocks, meta)
+        blocks = plan_blocks(plan.syms, len(plan.days), len(plan.fields), block_size=block_size,
+                             workers=_cluster_cpus(ray), itemsize=plan.dtype.itemsize)
+        results = _run_blocks(ray, blocks, lambda b: (b, kwargs, None, None, None), retries=retries,
+                              progress=progress, what=f"building {len(plan.syms)} stocks on Ray")
+        return _assemble(results, blocks, _merge_meta(results, blocks, plan.request["fingerprint"]))
 
-    return _builder._cached(plan["store"], plan["request"], bool(cache), make)
+    tensor = _builder._cached(plan.store, plan.request, bool(cache), make)
+    _builder._warn_unkept(tensor, plan.syms, *plan.row_range)
+    return tensor
 
 
 # -------------------------------------------------------------------------------- features
@@ -322,20 +316,19 @@ def features(source: StockTensor | Mapping[str, Any], spec: str | Iterable | Map
     if isinstance(source, Mapping):
         args = dict(source)
         unknown = set(args) - {"symbols", "start", "end", "fields", "store", "calendar", "adjust", "fill",
-                               "dtype", "interval", "cache"}
+                               "dtype", "interval", "cache", "label"}
         if unknown or not {"symbols", "start", "end"} <= set(args):
             raise BadInputError(f"features(source=dict) takes ft.build's arguments (symbols, start, end, fields, "
-                                f"store, calendar, adjust, fill, dtype); got {sorted(args)}")
+                                f"store, calendar, adjust, fill, dtype, interval, label); got {sorted(args)}")
         args.pop("cache", None)
-        if parse_interval(args.pop("interval", "1d")) != "1d":
-            raise BadInputError("engine='ray' builds daily bars; compute intraday features without engine='ray'")
-        plan = _daily_plan(args.pop("symbols"), args.pop("start"), args.pop("end"),
-                           args.pop("fields", ("close",)), args.pop("store", None), args.pop("calendar", None),
-                           args.pop("adjust", "full"), args.pop("fill", None), args.pop("dtype", torch.float32))
-        syms, n_time, width, itemsize = plan["syms"], plan["n_time"], len(wanted) + len(plan["fields"]), \
-            plan["itemsize"]
-        make_args = lambda b: (b, plan["kwargs"], None, spec, feature_kwargs)  # noqa: E731
-        fingerprint = plan["request"]["fingerprint"]
+        if interval_kind(parse_interval(args.get("interval", "1d"))) == "intraday":
+            raise BadInputError("Ray builds daily, weekly or monthly bars; compute intraday features "
+                                "in one process (ft.build; the CLI without --ray)")
+        plan, kwargs = _plan(**args)
+        syms, n_time, width, itemsize = plan.syms, len(plan.days), len(wanted) + len(plan.fields), \
+            plan.dtype.itemsize
+        make_args = lambda b: (b, kwargs, None, spec, feature_kwargs)  # noqa: E731
+        fingerprint = plan.request["fingerprint"]
     elif isinstance(source, StockTensor):
         if sorted(source.dims) != ["feature", "stock", "time"]:
             raise BadInputError(f"features need a (time, stock, feature) tensor, got dims {tuple(source.dims)}")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from . import ondisk, rolling
+from . import builder, ondisk, rolling
 from .errors import BadInputError
 from .fileio import check_output_path
 from .tensor import StockTensor
@@ -300,7 +300,8 @@ def _needs(family: str) -> set[str]:
 
 # ================================================================================ public API
 def compute(data, spec: str | Iterable | Mapping = "alpha158", *, min_periods: int | None = None,
-            dtype=None, out: str | os.PathLike | None = None, memory: int | str = DEFAULT_MEMORY):
+            dtype=None, out: str | os.PathLike | None = None, memory: int | str = DEFAULT_MEMORY,
+            engine: str | None = None, engine_options: Mapping[str, Any] | None = None):
     """Features of every (time, stock) of an OHLCV panel.
 
     ``data``: a (time, stock, feature) StockTensor with features open/high/low/close/volume (vwap
@@ -313,7 +314,18 @@ def compute(data, spec: str | Iterable | Mapping = "alpha158", *, min_periods: i
     arrays stay within ``memory`` (bytes, or text like "2GB", "512MB"), appending each block to an on-disk
     panel (``fintensor.ondisk``) and returning a StockTensor backed by its memory map. Every feature reads
     one stock's own history only, so the values equal the in-memory path bit for bit.
+
+    ``engine="ray"``: blocks of stocks as Ray tasks (``fintensor.cluster.features``; ``data`` may also be
+    ``ft.build``'s arguments as a dict, so each task builds its own block), ``engine_options`` as in
+    ``ft.build``; bit for bit the single-process result.
     """
+    if engine is not None:
+        if out is not None:
+            raise BadInputError("out= (the on-disk panel) is computed in this process; drop engine= or out=")
+        module, options = builder.engine_module(engine, engine_options)
+        return module.features(data, spec, min_periods=min_periods, dtype=dtype, **options)
+    if engine_options is not None:
+        raise BadInputError("engine_options go with engine= (e.g. engine='ray')")
     if min_periods is not None and (isinstance(min_periods, bool) or not isinstance(min_periods, (int, np.integer))
                                     or min_periods < 1):
         raise BadInputError(f"min_periods must be a positive integer or None, got {min_periods!r}")

@@ -149,18 +149,21 @@ class Recipe:
     def ticks(self) -> bool:
         return self.freq is not None
 
-    def build(self, store=None, cache: bool = True, quiet: bool = True):
-        """The tensor this recipe names; data the store lacks comes from [source] when there is one."""
+    def build(self, store=None, cache: bool = True, quiet: bool = True, build_bars=None):
+        """The tensor this recipe names; data the store lacks comes from [source] when there is one.
+        ``build_bars``: what builds bars in place of ``ft.build`` (same arguments), e.g. ``cluster.build``."""
+        if build_bars is not None and self.ticks:
+            raise BadInputError("a tick recipe builds in one process; drop the Ray option (it builds bars)")
         if self.files and self._lacks_adjustment(store):  # local files only: never a download per build
             self.fetch(store, quiet=quiet)  # e.g. raw prices stored, the recipe's source is forward-adjusted
-            return self._build(store, cache)
+            return self._build(store, cache, build_bars)
         try:
-            return self._build(store, cache)
+            return self._build(store, cache, build_bars)
         except MissingDataError:
             if not (self.files or self.yahoo):
                 raise
         self.fetch(store, quiet=quiet)
-        return self._build(store, cache)
+        return self._build(store, cache, build_bars)
 
     def _lacks_adjustment(self, store) -> bool:
         """Whether a symbol's bars are stored, but not in the adjustment this recipe asks for (its source
@@ -175,10 +178,12 @@ class Recipe:
         held = [st.adjustments(s, interval) for s in self.symbols]
         return any(h and want not in h for h in held)
 
-    def _build(self, store, cache: bool):
+    def _build(self, store, cache: bool, build_bars=None):
         import torch
 
         from .builder import build, build_ticks
+
+        build = build_bars or build
 
         dtype = torch.float64 if self.dtype == "float64" else torch.float32
         if self.ticks:

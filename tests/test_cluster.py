@@ -69,6 +69,40 @@ def test_ray_build_equals_the_single_process_build(ray_cluster, market_store):
         assert_identical(one, cluster.build(**args, block_size=block_size, progress=False), ignore=())
     filled = build_args(m, store, cache=False, fill=("ffill", 3), dtype=torch.float64)
     assert_identical(ft.build(**filled), cluster.build(**filled, block_size=5), ignore=())
+    via_build = ft.build(**args, engine="ray", engine_options={"block_size": 3, "progress": False})
+    assert_identical(one, via_build, ignore=())  # ft.build(engine="ray") is cluster.build
+
+
+
+def test_ray_build_of_weekly_bars_equals_the_single_process_build(ray_cluster, market_store, tmp_path):
+    import pandas as pd
+
+    m, _ = market_store
+    store = ft.Store(tmp_path / "weekly")
+    for j, sym in enumerate(m.symbols[:7]):  # weekly bars: each week's last close, dated by its first session
+        daily = pd.DataFrame({"date": pd.to_datetime(m.dates), "close": np.where(m.status[:, j] == 1, m.close[:, j],
+                                                                                    np.nan)}).dropna()
+        weeks = daily.groupby(daily["date"].dt.to_period("W")).agg(date=("date", "first"), close=("close", "last"))
+        store.write_bars(sym, weeks.assign(date=weeks["date"].dt.date), interval="1wk", source="test")
+    for options in (dict(), dict(label="end", fill="ffill")):
+        args = build_args(m, store, cache=False, symbols=m.symbols[:7], fields=["close"], interval="1wk", adjust="raw",
+                          **options)
+        one = ft.build(**args)
+        assert one.mask.any() and (~one.mask).any()
+        assert_identical(one, cluster.build(**args, block_size=3), ignore=())
+
+
+def test_ray_build_warns_what_ft_build_warns(ray_cluster, market_store):
+    """Rows off the calendar are dropped the same way and reported once, by the driver."""
+    m, store = market_store
+    other = "XSHG" if m.calendar == "XNYS" else "XNYS"  # the market's rows on the other exchange's holidays
+    args = build_args(m, store, cache=False, calendar=other)
+    with pytest.warns(ft.BuildWarning) as one:
+        want = ft.build(**args)
+    with pytest.warns(ft.BuildWarning) as ray:
+        got = cluster.build(**args, block_size=4)
+    assert [str(w.message) for w in one] == [str(w.message) for w in ray] and "dropped" in str(one[0].message)
+    assert_identical(want, got, ignore=())
 
 
 def test_ray_features_equal_the_single_process_features(ray_cluster, market_store):
@@ -80,6 +114,8 @@ def test_ray_features_equal_the_single_process_features(ray_cluster, market_stor
     assert_identical(one, from_store, ignore=())
     from_tensor = cluster.features(panel, ["MA5", "CORR20", "KMID"], min_periods=3, block_size=6)
     assert_identical(ft.features.compute(panel, ["MA5", "CORR20", "KMID"], min_periods=3), from_tensor, ignore=())
+    via_compute = ft.features.compute(panel, ["MA5", "KMID"], engine="ray", engine_options={"block_size": 5})
+    assert_identical(ft.features.compute(panel, ["MA5", "KMID"]), via_compute, ignore=())
 
 
 def test_the_assembled_build_is_cached_under_ft_builds_key(ray_cluster, market_store, tmp_path):
@@ -91,7 +127,9 @@ def test_the_assembled_build_is_cached_under_ft_builds_key(ray_cluster, market_s
     ray_built = cluster.build(**args, block_size=5)
     entries = list((tmp_path / "s" / "tensors").glob("*.safetensors"))
     assert [str(p) for p in entries] == [ray_built.meta["cache"]]
-    assert_identical(ray_built, ft.build(**args), ignore=())  # ft.build loads the Ray build's entry
+    loaded = ft.build(**args)  # ft.build loads the Ray build's entry
+    assert loaded.meta["cache_hit"] and not ray_built.meta["cache_hit"]
+    assert_identical(ray_built, loaded, ignore=("cache_hit",))
     assert ft.build(**args).meta["cache"] == ray_built.meta["cache"]
 
 
@@ -137,13 +175,28 @@ def test_without_ray_engine_ray_says_how_to_install_it(market_store, monkeypatch
 
 @pytest.mark.parametrize("options, message", [
     (dict(block_size=0), "block_size"), (dict(retries=-1), "retries"), (dict(block_size=True), "block_size"),
-    (dict(interval="1m"), "daily bars"), (dict(fields=["close", "nope"]), "unknown field"),
-    (dict(symbols=["NOPE"]), "no 1d bars")])
+    (dict(interval="1m"), "monthly bars"), (dict(fields=["close", "nope"]), "unknown field"),
+    (dict(symbols=["NOPE"]), "no 1d bars"), (dict(calendar="data"), "name the exchange"),
+    (dict(label="middle"), "label")])
 def test_bad_input_is_refused_before_any_task_runs(market_store, monkeypatch, options, message):
     m, store = market_store
     monkeypatch.setitem(sys.modules, "ray", None)  # would fail differently if a cluster were reached
     with pytest.raises(BadInputError, match=message):
         cluster.build(**{**build_args(m, store), **options})
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda a: ft.build(**a, engine="spark"), "engine must be one of"),
+    (lambda a: ft.build(**a, engine="ray", engine_options={"workers": 2}), "takes engine_options address"),
+    (lambda a: ft.build(**a, engine_options={"address": "auto"}), "go with engine="),
+    (lambda a: ft.build(**a, engine="ray", engine_options=["auto"]), "must be a dict"),
+    (lambda a: ft.features.compute(a, "alpha158", engine="ray", out="x"), "drop engine= or out="),
+    (lambda a: ft.build(**a, engine="ray", interval="1m"), "daily, weekly or monthly")])
+def test_bad_engine_arguments_are_refused_before_any_task_runs(market_store, monkeypatch, call, message):
+    m, store = market_store
+    monkeypatch.setitem(sys.modules, "ray", None)  # would fail differently if a cluster were reached
+    with pytest.raises(BadInputError, match=message):
+        call(build_args(m, store))
 
 
 def test_blocks_are_sized_by_bytes_and_by_workers():
@@ -204,3 +257,18 @@ def test_cli_train_ray_runs_the_same_training_under_ray_train(ray_cluster, tmp_p
         torch.testing.assert_close(b.group("model")[name], value, rtol=1e-5, atol=1e-6)
     assert cli.main(["train", *common, "--out", str(tmp_path / "bad"), "--ray", "--ray-workers", "0"]) == 2
     assert "--ray-workers must be" in capsys.readouterr().err
+
+
+def test_cli_build_ray_writes_the_tensor_ft_build_writes(ray_cluster, market_store, tmp_path, capsys):
+    """`fintensor build ... --ray` (joins this session's cluster) == `fintensor build ...`; ticks refused."""
+    from fintensor import cli
+
+    m, store = market_store
+    flags = ["build", "--symbols", *m.symbols, "--start", str(m.dates[0]), "--end", str(m.dates[-1]),
+             "--fields", *OHLCV, "--store", str(store.root), "--no-cache", "--quiet"]
+    assert cli.main([*flags, "--out", str(tmp_path / "one.safetensors")]) == 0
+    assert cli.main([*flags, "--out", str(tmp_path / "ray.safetensors"), "--ray"]) == 0
+    assert_identical(ft.load(tmp_path / "one.safetensors"), ft.load(tmp_path / "ray.safetensors"), ignore=())
+    capsys.readouterr()
+    assert cli.main([*flags, "--out", str(tmp_path / "m.safetensors"), "--interval", "1m", "--ray"]) == 2
+    assert "the CLI without --ray" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()

@@ -20,6 +20,10 @@ BLOCKED = {
     "dns": "Failed to perform, curl: (6) Could not resolve host: query2.finance.yahoo.com.",
     "refused": "Failed to perform, curl: (7) Failed to connect to query2.finance.yahoo.com port 443: "
                "Couldn't connect to server",
+    # newer curl, through a proxy that is down (what a blocked machine with HTTPS_PROXY set sees)
+    "proxy": "Failed to perform, curl: (7) Failed to connect to query2.finance.yahoo.com:443 over proxy "
+             "127.0.0.1 after 0 ms: Could not connect to server. See https://curl.se/libcurl/c/libcurl-errors.html "
+             "first for more details.",
 }
 
 

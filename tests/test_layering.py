@@ -3,6 +3,8 @@
 Every module of the package has a layer (the table below; a new module must be placed in it). A module may
 import modules of its own layer or below, never above, and the graph (counting imports inside functions
 too: a lazy import is still a dependency) has no cycle. The CLI layer's helpers are for cli and demo only.
+The one sanctioned upward reference is ``builder.ENGINES`` (``engine="ray"`` names a module above the
+builder, imported by name on demand); no other module imports by name.
 """
 from __future__ import annotations
 
@@ -129,3 +131,14 @@ def test_the_checker_sees_lazy_and_relative_imports():
     assert "store" in GRAPH["cli"]  # cli imports the store inside a function
     assert "builder" in GRAPH["recipes"]  # recipes imports the builder inside a function
     assert "errors" in GRAPH["symbols"]
+
+
+def test_the_only_import_by_name_is_the_engine_registry():
+    """builder.ENGINES names modules above features (they call build/compute in their tasks); nothing else
+    in the package hides an import behind importlib."""
+    from fintensor import builder
+
+    for name in builder.ENGINES.values():
+        assert layer(name.removeprefix("fintensor.")) > layer("features"), name
+    by_name = sorted(m for m, path in modules().items() if "import_module(" in path.read_text())
+    assert by_name == ["builder"]

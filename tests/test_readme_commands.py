@@ -35,7 +35,23 @@ PLACEHOLDERS = {
     "minute/spy/*_trade.zip": "{data}/lean_algoseek_us_equity/minute/spy/*_trade.zip",
     "fut.txt": "{data}/futures_intraday/backtrader/2006-min-005.txt",
     "fixed.csv": "{data}/us_daily/sp500_5yr_yahoo/AAPL_data.csv",
+    "~/data/": "{data}/cn_daily/tushare_raw",
+    "exports/*": "{data}/cn_daily/tushare_*",  # a glob that matches a folder
 }
+
+#: README files with no file of their kind in the shared data: written into the scratch cwd from real rows
+#: (AAPL's Yahoo daily file) in the shape the README line describes.
+
+
+def write_stand_ins(work: Path) -> None:
+    import pandas as pd
+
+    aapl = pd.read_csv(DATA / "us_daily/sp500_5yr_yahoo/AAPL_data.csv")
+    eu = aapl.assign(Date=pd.to_datetime(aapl["Date"]).dt.strftime("%d/%m/%Y"))  # day/month/year dates
+    eu.to_csv(work / "eu.csv", index=False)
+    aapl[["Date", "Close"]].rename(columns={"Date": "observation_date", "Close": "vix"}).to_csv(
+        work / "fred.csv", index=False)  # FRED's layout: observation_date and one value column
+
 #: Lines of the CLI sections' blocks that are not run here, and why (any other line is run).
 NOT_RUN = {
     "python -m pytest": "the test suite itself (it would recurse)",
@@ -106,6 +122,7 @@ def offline(env: dict[str, str]) -> dict[str, str]:
 def test_readme_cli_commands_compose_in_one_store(tmp_path, shared_data):
     work = tmp_path / "cwd"
     work.mkdir()
+    write_stand_ins(work)
     env = scratch_env(tmp_path)
     failures = []
     for readme_command in cli_commands():

@@ -47,7 +47,8 @@ OK, NOT_FOUND, RATE_LIMITED, FAILED = "ok", "not_found", "rate_limited", "failed
 UNREACHABLE = "unreachable"  # DNS failure or connection refused: no network, so no retry and no backoff
 CANNOT_REACH = "cannot reach Yahoo (no network?)"
 #: What a failed DNS lookup or a refused connection says, in curl (yfinance's backend), requests and the OS.
-_UNREACHABLE = re.compile(r"(?i)could not resolve host|couldn't connect to server|connection refused|"
+_UNREACHABLE = re.compile(r"(?i)could not resolve (host|proxy)|couldn't connect to server|could not connect to server|"
+                          r"connection refused|"
                           r"name or service not known|temporary failure in name resolution|"
                           r"network is unreachable|no route to host|failed to establish a new connection|"
                           r"nameresolutionerror|nodename nor servname")
