@@ -27,17 +27,9 @@ sys.path.insert(0, str(REPO))
 
 import fintensor as ft  # noqa: E402
 from fintensor import cluster  # noqa: E402
+from _timing import best  # noqa: E402
 
 OHLCV = ["open", "high", "low", "close", "volume"]
-
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def single(args: dict):

@@ -395,7 +395,7 @@ def compute_block(block: StockTensor, spec: str | Iterable | Mapping = "alpha158
     F, T, N = slabs.shape
     values = np.empty((N, T, F), dtype=out_dtype)
     mask = np.empty(values.shape, dtype=bool)
-    rolling._run(_pack_stock_major, T, slabs, values, mask)
+    rolling._run(_pack_kernel, T, slabs, values.transpose(1, 0, 2), mask.transpose(1, 0, 2))  # stock-major
     return values, mask, wanted
 
 
@@ -456,22 +456,10 @@ def parse_bytes(value: int | str, what: str) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _pack_stock_major(block, out, mask, first, stop):
-    """(feature, time, stock) slabs -> (stock, time, feature) values and observed-mask, rows [first, stop)."""
-    F = block.shape[0]
-    N = block.shape[2]
-    for t in range(first, stop):
-        for n in range(N):
-            for f in range(F):
-                v = block[f, t, n]
-                out[n, t, f] = v
-                mask[n, t, f] = v == v
-
-
-@njit(cache=True, nogil=True)
 def _pack_kernel(block, out, mask, first, stop):
     """(feature, time, stock) slabs -> (time, stock, feature) values and observed-mask, rows
-    [first, stop): written in order; the F source lines of a few stocks stay in cache meanwhile."""
+    [first, stop): written in order; the F source lines of a few stocks stay in cache meanwhile.
+    ``out``/``mask`` may be transposed views (a stock-major block is written through its (1, 0, 2) view)."""
     F = block.shape[0]
     N = block.shape[2]
     for t in range(first, stop):
