@@ -179,7 +179,7 @@ def add_import(sub, common):
              ("--volume-unit", dict(shown="--volume-unit shares|lots|N")),
              ("--amount-unit", dict(shown="--amount-unit currency|thousands|N")),
              ("--price-scale", dict(shown="--price-scale N")),
-             ("--adjustment", dict(shown="--adjustment raw|split|full")),
+             ("--adjust", dict(shown="--adjust raw|split|full")),
              ("--adjusted-as-of", dict(shown="--adjusted-as-of DATE")),
              ("--source", dict(shown="--source LABEL")))
     p.add_argument("--date-column", metavar="NAME", help="the column holding the dates (default: detected)")
@@ -194,7 +194,7 @@ def cmd_import(args) -> int:
     report = import_csv(
         args.paths, store=_store(args), symbol=args.symbol, layout=args.layout, kind="ticks" if args.ticks
         else "auto", interval=args.interval, format=args.format, timezone=args.tz, volume_unit=args.volume_unit,
-        price_scale=args.price_scale, amount_unit=args.amount_unit, adjustment=args.adjustment,
+        price_scale=args.price_scale, amount_unit=args.amount_unit, adjust=args.adjust,
         adjusted_as_of=args.adjusted_as_of, source=args.source, field=args.field, on_conflict=args.on_conflict,
         recursive=args.recursive, date_column=args.date_column, date_format=args.date_format)
     _emit(args, report.to_dict(), f"{report}\nstore: {report.store}")

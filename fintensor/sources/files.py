@@ -41,7 +41,7 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
                symbol: str | None = None, layout: str = "auto", kind: str = "auto", interval: str | None = None,
                format: str | None = None, timezone: str | None = None, volume_unit: str | float | None = None,
                price_scale: float | None = None, amount_unit: str | float | None = None,
-               adjustment: str | None = None, adjusted_as_of: str | None = None, source: str | None = None,
+               adjust: str | None = None, adjusted_as_of: str | None = None, source: str | None = None,
                field: str = "close", on_conflict: str = "error", recursive: bool = True,
                date_column: str | None = None, date_format: str | None = None) -> ImportReport:
     """Import bar or tick files (CSV, .gz, .zip with one CSV) into the store; returns an ImportReport.
@@ -50,8 +50,8 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
     column per symbol holding ``field``) or "file" (one symbol per file: from a column, the file name or
     ``symbol``). kind: "auto", "bars" or "ticks". format: a preset name (see ``PRESETS``) instead of
     auto-detection. volume_unit: "shares", "lots" (100 shares) or shares per unit. price_scale: prices
-    are divided by it. amount_unit: "currency", "thousands" or currency units per unit. adjustment:
-    "raw", "split" or "full" (of the OHLC columns). on_conflict: "error", "keep" or "overwrite".
+    are divided by it. amount_unit: "currency", "thousands" or currency units per unit. adjust:
+    "raw", "split" or "full": the adjustment the OHLC columns are in (default: the preset's). on_conflict: "error", "keep" or "overwrite".
     date_column: the header name of the date column when it is not one fintensor knows. date_format: a
     strptime format for every date (e.g. "%d/%m/%Y"): needed when D/M/YYYY vs M/D/YYYY is ambiguous.
     recursive: read sub-folders of a directory. A file found in a folder or by a pattern that cannot be
@@ -61,7 +61,7 @@ def import_csv(paths: str | os.PathLike | Iterable[str | os.PathLike], *, store:
     recursive = checks.boolean("recursive", recursive)
     opts = _Options.make(symbol=symbol, layout=layout, kind=kind, interval=interval, format=format,
                          timezone=timezone, volume_unit=volume_unit, price_scale=price_scale,
-                         amount_unit=amount_unit, adjustment=adjustment, adjusted_as_of=adjusted_as_of,
+                         amount_unit=amount_unit, adjustment=adjust, adjusted_as_of=adjusted_as_of,
                          source=source, field=field, on_conflict=on_conflict, date_column=date_column,
                          date_format=date_format)
     st = store if isinstance(store, Store) else Store(store)
@@ -170,7 +170,7 @@ class _Options:
             volume_unit=_unit(volume_unit, {"shares": 1.0, "lots": 100.0, "lot": 100.0}, "volume_unit"),
             price_scale=_unit(price_scale, {}, "price_scale"),
             amount_unit=_unit(amount_unit, {"currency": 1.0, "thousands": 1000.0}, "amount_unit"),
-            adjustment=choice("adjustment", adjustment, (None, "raw", "split", "full")),
+            adjustment=choice("adjust", adjustment, (None, "raw", "split", "full")),
             adjusted_as_of=adjusted_as_of, source=source, field=field,
             on_conflict=choice("on_conflict", on_conflict, ("error", "keep", "overwrite")),
             date_column=date_column.strip().lower() if date_column else None, date_format=date_format,
