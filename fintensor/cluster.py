@@ -48,7 +48,8 @@ ENGINE_OPTIONS = ("address", "num_cpus", "block_size", "retries", "progress")
 
 
 class ClusterError(FintensorError):
-    """A block of the Ray build failed after its retries; the message names the block's symbols."""
+    """A block of the Ray build failed after its retries (the message names the block's symbols), or the
+    cluster asked for cannot be joined."""
 
 
 # ------------------------------------------------------------------------------------------ Ray
@@ -77,7 +78,13 @@ def connect(address: str | None = None, *, num_cpus: int | None = None):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     else:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as exc:  # no cluster there, or a malformed address
+            raise ClusterError(f"cannot join a Ray cluster at {address!r} ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); start one with "
+                               "`ray start --head` (then address='auto', CLI --ray auto), or give no address for a local "
+                               "cluster") from None
     return ray
 
 

@@ -272,3 +272,26 @@ def test_cli_build_ray_writes_the_tensor_ft_build_writes(ray_cluster, market_sto
     capsys.readouterr()
     assert cli.main([*flags, "--out", str(tmp_path / "m.safetensors"), "--interval", "1m", "--ray"]) == 2
     assert "the CLI without --ray" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
+
+
+def test_joining_a_cluster_that_is_not_there_is_one_line_and_writes_nothing(market_store, tmp_path, capsys,
+                                                                           monkeypatch):
+    """`--ray auto` with no running cluster: exit 1, one `error:` line naming the fix, no file. Ray finds this
+    session's own cluster from any process, so "nothing running" is Ray's own error, raised by ray.init."""
+    import ray
+
+    from fintensor import cli
+
+    def no_cluster(*args, **kwargs):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by "
+                              "setting `--address` flag or `RAY_ADDRESS` environment variable.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    m, store = market_store
+    out = tmp_path / "t.safetensors"
+    code = cli.main(["build", "--symbols", *m.symbols[:3], "--start", str(m.dates[0]), "--end", str(m.dates[-1]),
+                     "--store", str(store.root), "--no-cache", "--out", str(out), "--ray", "auto"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: cannot join a Ray cluster at 'auto'")
+    assert "ray start --head" in lines[0] and not out.exists()
