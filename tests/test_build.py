@@ -245,7 +245,8 @@ def test_mixed_calendars_need_an_explicit_choice(us_daily_store, cn_daily_store,
     t = union.coords["time"]
     assert mask[:, 0].sum() == len(ny[ny <= np.datetime64("2017-12-06")])   # AAPL on its own sessions
     assert not mask[~np.isin(t, ny), 0].any() and not mask[~np.isin(t, sh), 1].any()
-    on_ny = ft.build(syms, "2017-11-01", "2018-02-28", store=both, calendar="NYSE", cache=False)
+    with pytest.warns(ft.BuildWarning, match=r"dropped 1 stored rows \(600519.SS 1\): dated on days that are not XNYS"):
+        on_ny = ft.build(syms, "2017-11-01", "2018-02-28", store=both, calendar="NYSE", cache=False)
     assert on_ny.meta["calendar"] == "XNYS"
     np.testing.assert_array_equal(on_ny.coords["time"], ny)
     np.testing.assert_array_equal(on_ny.values, union.sel(time=list(ny)).values)
@@ -423,7 +424,8 @@ def test_cache_hit_miss_and_invalidation(cn_daily_store, tmp_path, monkeypatch):
     assert len(list((store.root / "tensors").iterdir())) == n                # cache=False writes nothing
     assert store.verify() == []
     Path(third.meta["cache"]).write_bytes(b"garbage")                        # a damaged entry is rebuilt
-    rebuilt = ft.build(*args, fields=["close", "volume"], store=store)
+    with pytest.warns(ft.BuildWarning, match="could not be used .* rebuilt it from the store"):
+        rebuilt = ft.build(*args, fields=["close", "volume"], store=store)
     torch.testing.assert_close(rebuilt.values, third.values, equal_nan=True)
     assert ft.load(rebuilt.meta["cache"]).shape == third.shape
 
