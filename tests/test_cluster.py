@@ -295,3 +295,24 @@ def test_joining_a_cluster_that_is_not_there_is_one_line_and_writes_nothing(mark
     lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: cannot join a Ray cluster at 'auto'")
     assert "ray start --head" in lines[0] and not out.exists()
+
+
+def test_ray_data_reads_exactly_the_committed_rows_through_files(ray_cluster, shared_data, tmp_path):
+    """Ray Data given Store.files() reads the committed rows; a glob of the folder would also read an orphan."""
+    import pandas as pd
+
+    store = ft.Store(tmp_path / "s")
+    ft.import_csv([shared_data / "us_daily/sp500_5yr_yahoo" / f"{s}_data.csv" for s in ("AAPL", "MSFT")], store=store)
+    part = next(store.partition_dir("MSFT").glob("part-*.parquet"))
+    (part.parent / "part-0123456789abcdef.parquet").write_bytes(part.read_bytes())  # an interrupted write's leftover
+    want = store.read(["AAPL", "MSFT"], as_pandas=True).sort_values(["symbol", "date"]).reset_index(drop=True)
+    files = [str(p) for p in store.files(["AAPL", "MSFT"])]
+    got = ray_cluster.data.read_parquet(files).to_pandas()  # hive partitioning by default
+    got = got.sort_values(["symbol", "date"]).reset_index(drop=True)
+    msft = int((want.symbol == "MSFT").sum())
+    assert len(got) == len(want) and msft > 1000
+    np.testing.assert_array_equal(got.symbol.astype(str), want.symbol)
+    np.testing.assert_array_equal(pd.to_datetime(got.date).to_numpy(), pd.to_datetime(want.date).to_numpy())
+    np.testing.assert_array_equal(got.close.to_numpy(), want.close.to_numpy())
+    globbed = ray_cluster.data.read_parquet(str(store.partition_dir("MSFT"))).count()
+    assert globbed == 2 * msft  # the folder alone: MSFT's rows twice, which is why files() exists
