@@ -39,7 +39,7 @@ import torch
 from ..errors import BadInputError
 from ._args import _ddof_arg, _deliver, _apply, _check_out, _Input, _panel, _window_args
 from ._cross import _cs_rank_kernel, _cs_zscore_kernel
-from ._kernels import (_BETA, _CORR, _COUNT, _COV, _DIFF, _LOGRET, _MEAN, _PCT, _RESID, _RSQUARE, _SHIFT,
+from ._kernels import (_ARGMAX, _ARGMIN, _MAX, _MIN, _BETA, _CORR, _COUNT, _COV, _DIFF, _LOGRET, _MEAN, _PCT, _RESID, _RSQUARE, _SHIFT,
                        _STD, _SUM, _VAR, _ZSCORE, _comoments_kernel, _ewm_mean_kernel, _ewm_var_kernel,
                        _extremes_kernel, _imax, _lag_kernel, _moments_kernel, _sums_kernel)
 from ._order import _MEDIAN, _QUANTILE, _RANK, _order_columns
@@ -60,9 +60,9 @@ def _moving(kind: str, mode: int, x, window: int, min_periods, axis, out, engine
 
     def numba_fn(p, r):
         if kind in ("sum", "mean", "count"):
-            _run(_sums_kernel, p.shape[1], p, r, window, min_periods, mode)
+            _run(_sums_kernel, p.shape[1], p, p, 1, r, window, min_periods, 0, mode)
         else:
-            _run(_moments_kernel, p.shape[1], p, r, window, min_periods, ddof, mode)
+            _run(_moments_kernel, p.shape[1], p, p, 1, r, window, min_periods, ddof, mode)
 
     return _apply(x, axis, out, engine, numba_fn,
                   lambda p: _torch_rolling(kind, p, window, min_periods, ddof=ddof))
@@ -106,11 +106,10 @@ def zscore(x, window: int, *, ddof: int = 1, min_periods: int | None = None, axi
 
 def _extreme(kind: str, x, window, min_periods, axis, out, engine):
     window, min_periods = _window_args(window, min_periods)
-    sign = 1.0 if kind in ("max", "argmax") else -1.0
-    want_index = kind.startswith("arg")
+    what = {"max": _MAX, "min": _MIN, "argmax": _ARGMAX, "argmin": _ARGMIN}[kind]
 
     def numba_fn(p, r):
-        _run(_extremes_kernel, p.shape[1], p, r, window, min_periods, sign, want_index)
+        _run(_extremes_kernel, p.shape[1], p, p, 1, r, window, min_periods, 0, what)
 
     return _apply(x, axis, out, engine, numba_fn, lambda p: _torch_rolling(kind, p, window, min_periods))
 
@@ -278,7 +277,7 @@ def _pairwise(kind: str, mode: int, y, x, window, min_periods, ddof, axis, out, 
     def numba_fn(p, r):
         xp = np.ascontiguousarray(xa, dtype=p.dtype)
         step = 1 if xp.shape[1] == p.shape[1] else 0
-        _run(_comoments_kernel, p.shape[1], p, xp, r, window, min_periods, ddof, mode, step)
+        _run(_comoments_kernel, p.shape[1], p, xp, step, r, window, min_periods, ddof, mode)
 
     def torch_fn(p):
         return _torch_pairwise(kind, p, torch.as_tensor(xa).to(p.device), window, min_periods, ddof)
