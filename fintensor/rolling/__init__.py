@@ -30,18 +30,18 @@ anywhere; it agrees with the numba kernels).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
 import torch
 
 from ..errors import BadInputError
-from ._args import _ddof_arg, _deliver, _apply, _check_out, _Input, _panel, _window_args
+from ._args import RANK_METHODS, _apply, _check_out, _deliver, _Input, _panel, checked
+from ._args import center_of_mass as _center_of_mass  # noqa: F401  (the name tests use)
 from ._cross import _cs_rank_kernel, _cs_zscore_kernel
-from ._kernels import (_ARGMAX, _ARGMIN, _MAX, _MIN, _BETA, _CORR, _COUNT, _COV, _DIFF, _LOGRET, _MEAN, _PCT, _RESID, _RSQUARE, _SHIFT,
-                       _STD, _SUM, _VAR, _ZSCORE, _comoments_kernel, _ewm_mean_kernel, _ewm_var_kernel,
-                       _extremes_kernel, _imax, _lag_kernel, _moments_kernel, _sums_kernel)
+from ._kernels import (_ARGMAX, _ARGMIN, _BETA, _CORR, _COUNT, _COV, _DIFF, _LOGRET, _MAX, _MEAN, _MIN, _PCT,
+                       _RESID, _RSQUARE, _SHIFT, _STD, _SUM, _VAR, _ZSCORE, _comoments_kernel, _ewm_mean_kernel,
+                       _ewm_var_kernel, _extremes_kernel, _lag_kernel, _moments_kernel, _sums_kernel)
 from ._order import _MEDIAN, _QUANTILE, _RANK, _order_columns
 from ._parallel import _run
 from ._torch import _torch_cs, _torch_ewm, _torch_lag, _torch_pairwise, _torch_rolling
@@ -51,77 +51,82 @@ __all__ = [
     "quantile", "rank", "ewm_mean", "ewm_var", "ewm_std", "cov", "corr", "beta", "returns", "diff",
     "shift", "cs_rank", "cs_zscore",
 ]
-_RANK_METHODS = {"average": 0, "min": 1, "max": 2}
+# statistic -> (kernel, mode): the block kernels take (y, x, x_step, out, window, min_periods, ddof, mode)
+_BLOCK = {"sum": (_sums_kernel, _SUM), "mean": (_sums_kernel, _MEAN), "count": (_sums_kernel, _COUNT),
+          "var": (_moments_kernel, _VAR), "std": (_moments_kernel, _STD), "zscore": (_moments_kernel, _ZSCORE),
+          "max": (_extremes_kernel, _MAX), "min": (_extremes_kernel, _MIN),
+          "argmax": (_extremes_kernel, _ARGMAX), "argmin": (_extremes_kernel, _ARGMIN)}
+_ORDER = {"median": _MEDIAN, "quantile": _QUANTILE, "rank": _RANK}
 
 
-def _moving(kind: str, mode: int, x, window: int, min_periods, axis, out, engine, ddof: int = 1):
-    window, min_periods = _window_args(window, min_periods)
-    ddof = _ddof_arg(ddof)
+def _windowed(kind: str, x, axis, out, engine: str, window, min_periods, ddof=1, q=0.5, method="average",
+              ascending=True, pct=False):
+    """One moving-window statistic of one input: arguments checked, then the block kernel, the
+    order-statistics kernel or the torch ops."""
+    if kind in _ORDER:
+        a = checked(window=window, min_periods=min_periods, method=method, q=q)
+    else:
+        a = checked(window=window, min_periods=min_periods, ddof=ddof)
+    window, min_periods = a["window"], a["min_periods"]
+    ascending, pct = bool(ascending), bool(pct)
 
     def numba_fn(p, r):
-        if kind in ("sum", "mean", "count"):
-            _run(_sums_kernel, p.shape[1], p, p, 1, r, window, min_periods, 0, mode)
+        if kind in _ORDER:
+            _run(_order_columns, p.shape[1], p, r[None], window, min_periods, np.array([_ORDER[kind]]),
+                 np.array([a["q"]]), RANK_METHODS[method], ascending, pct)
         else:
-            _run(_moments_kernel, p.shape[1], p, p, 1, r, window, min_periods, ddof, mode)
+            kernel, mode = _BLOCK[kind]
+            _run(kernel, p.shape[1], p, p, 1, r, window, min_periods, a["ddof"], mode)
 
-    return _apply(x, axis, out, engine, numba_fn,
-                  lambda p: _torch_rolling(kind, p, window, min_periods, ddof=ddof))
+    return _apply(x, axis, out, engine, numba_fn, lambda p: _torch_rolling(
+        kind, p, window, min_periods, ddof=a.get("ddof"), q=a.get("q"), method=method, ascending=ascending,
+        pct=pct))
 
 
 def sum(x, window: int, *, min_periods: int | None = None, axis=None, out=None, engine: str = "auto"):
     """Moving sum of the valid values (0 when none is valid and min_periods is 0), like
     ``DataFrame.rolling(window, min_periods).sum()``."""
-    return _moving("sum", _SUM, x, window, min_periods, axis, out, engine)
+    return _windowed("sum", x, axis, out, engine, window, min_periods)
 
 
 def mean(x, window: int, *, min_periods: int | None = None, axis=None, out=None, engine: str = "auto"):
     """Moving mean of the valid values, like ``DataFrame.rolling(window, min_periods).mean()``."""
-    return _moving("mean", _MEAN, x, window, min_periods, axis, out, engine)
+    return _windowed("mean", x, axis, out, engine, window, min_periods)
 
 
 def count(x, window: int, *, min_periods: int | None = None, axis=None, out=None, engine: str = "auto"):
     """Number of valid values in the window. As in pandas, ``min_periods`` counts the window's
     rows (valid or not): the first ``min_periods - 1`` rows are NaN."""
-    return _moving("count", _COUNT, x, window, min_periods, axis, out, engine)
+    return _windowed("count", x, axis, out, engine, window, min_periods)
 
 
 def var(x, window: int, *, ddof: int = 1, min_periods: int | None = None, axis=None, out=None,
         engine: str = "auto"):
     """Moving variance (``ddof`` 1 like pandas), exact for prices far from zero and after spikes."""
-    return _moving("var", _VAR, x, window, min_periods, axis, out, engine, ddof)
+    return _windowed("var", x, axis, out, engine, window, min_periods, ddof)
 
 
 def std(x, window: int, *, ddof: int = 1, min_periods: int | None = None, axis=None, out=None,
         engine: str = "auto"):
     """Moving standard deviation: the square root of ``var``."""
-    return _moving("std", _STD, x, window, min_periods, axis, out, engine, ddof)
+    return _windowed("std", x, axis, out, engine, window, min_periods, ddof)
 
 
 def zscore(x, window: int, *, ddof: int = 1, min_periods: int | None = None, axis=None, out=None,
            engine: str = "auto"):
     """``(x - moving mean) / moving std`` of the window ending at each value (NaN where the value is
     missing or the window is constant)."""
-    return _moving("zscore", _ZSCORE, x, window, min_periods, axis, out, engine, ddof)
-
-
-def _extreme(kind: str, x, window, min_periods, axis, out, engine):
-    window, min_periods = _window_args(window, min_periods)
-    what = {"max": _MAX, "min": _MIN, "argmax": _ARGMAX, "argmin": _ARGMIN}[kind]
-
-    def numba_fn(p, r):
-        _run(_extremes_kernel, p.shape[1], p, p, 1, r, window, min_periods, 0, what)
-
-    return _apply(x, axis, out, engine, numba_fn, lambda p: _torch_rolling(kind, p, window, min_periods))
+    return _windowed("zscore", x, axis, out, engine, window, min_periods, ddof)
 
 
 def max(x, window: int, *, min_periods: int | None = None, axis=None, out=None, engine: str = "auto"):
     """Moving maximum of the valid values, like ``DataFrame.rolling(window, min_periods).max()``."""
-    return _extreme("max", x, window, min_periods, axis, out, engine)
+    return _windowed("max", x, axis, out, engine, window, min_periods)
 
 
 def min(x, window: int, *, min_periods: int | None = None, axis=None, out=None, engine: str = "auto"):
     """Moving minimum of the valid values, like ``DataFrame.rolling(window, min_periods).min()``."""
-    return _extreme("min", x, window, min_periods, axis, out, engine)
+    return _windowed("min", x, axis, out, engine, window, min_periods)
 
 
 def argmax(x, window: int, *, min_periods: int | None = None, axis=None, out=None,
@@ -129,29 +134,13 @@ def argmax(x, window: int, *, min_periods: int | None = None, axis=None, out=Non
     """Position of the window's maximum counted from the window's oldest row (0 .. window-1), the
     oldest winning ties -- ``np.argmax`` of the window, NaN skipped. Windows cut by the start of the
     data count from the first row."""
-    return _extreme("argmax", x, window, min_periods, axis, out, engine)
+    return _windowed("argmax", x, axis, out, engine, window, min_periods)
 
 
 def argmin(x, window: int, *, min_periods: int | None = None, axis=None, out=None,
            engine: str = "auto"):
     """Position of the window's minimum (see ``argmax``)."""
-    return _extreme("argmin", x, window, min_periods, axis, out, engine)
-
-
-def _order(kind: str, mode: int, x, window, min_periods, axis, out, engine, q=0.5, method="average",
-           ascending=True, pct=False):
-    window, min_periods = _window_args(window, min_periods)
-    if method not in _RANK_METHODS:
-        raise BadInputError(f"method {method!r} is unknown; use one of {sorted(_RANK_METHODS)}")
-    if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0.0 <= q <= 1.0:
-        raise BadInputError(f"quantile q must be a number from 0 to 1, got {q!r}")
-
-    def numba_fn(p, r):
-        _run(_order_columns, p.shape[1], p, r[None], window, min_periods, np.array([mode]), np.array([float(q)]),
-             _RANK_METHODS[method], bool(ascending), bool(pct))
-
-    return _apply(x, axis, out, engine, numba_fn, lambda p: _torch_rolling(
-        kind, p, window, min_periods, q=float(q), method=method, ascending=bool(ascending), pct=bool(pct)))
+    return _windowed("argmin", x, axis, out, engine, window, min_periods)
 
 
 def _order_stats(x: np.ndarray, window: int, min_periods: int, quantiles=(), pct_rank: bool = False) -> list:
@@ -170,52 +159,28 @@ def _order_stats(x: np.ndarray, window: int, min_periods: int, quantiles=(), pct
 def median(x, window: int, *, min_periods: int | None = None, axis=None, out=None,
            engine: str = "auto"):
     """Moving median of the valid values, like ``DataFrame.rolling(window, min_periods).median()``."""
-    return _order("median", _MEDIAN, x, window, min_periods, axis, out, engine)
+    return _windowed("median", x, axis, out, engine, window, min_periods)
 
 
 def quantile(x, window: int, q: float, *, min_periods: int | None = None, axis=None, out=None,
              engine: str = "auto"):
     """Moving ``q`` quantile with linear interpolation, like ``rolling(...).quantile(q)``."""
-    return _order("quantile", _QUANTILE, x, window, min_periods, axis, out, engine, q=q)
+    return _windowed("quantile", x, axis, out, engine, window, min_periods, q=q)
 
 
 def rank(x, window: int, *, method: str = "average", ascending: bool = True, pct: bool = False,
          min_periods: int | None = None, axis=None, out=None, engine: str = "auto"):
     """Rank of each value within its window (1 = smallest; ties by ``method``; ``pct`` divides by
     the valid count), like ``rolling(...).rank(method, ascending, pct)``."""
-    return _order("rank", _RANK, x, window, min_periods, axis, out, engine, method=method,
-                  ascending=ascending, pct=pct)
+    return _windowed("rank", x, axis, out, engine, window, min_periods, method=method, ascending=ascending,
+                     pct=pct)
 
 
 # ------------------------------------------------------------------------------- exponential
-def _center_of_mass(com, span, halflife, alpha) -> float:
-    given = {k: v for k, v in dict(com=com, span=span, halflife=halflife, alpha=alpha).items()
-             if v is not None}
-    if len(given) != 1:
-        raise BadInputError("give exactly one of com, span, halflife, alpha "
-                            f"(got {', '.join(given) or 'none'})")
-    (name, value), = given.items()
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise BadInputError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if name == "com" and value >= 0:
-        return value
-    if name == "span" and value >= 1:
-        return (value - 1) / 2
-    if name == "halflife" and value > 0:
-        return 1 / (1 - math.exp(math.log(0.5) / value)) - 1
-    if name == "alpha" and 0 < value <= 1:
-        return 1 / value - 1
-    limits = {"com": ">= 0", "span": ">= 1", "halflife": "> 0", "alpha": "in (0, 1]"}
-    raise BadInputError(f"{name} must be {limits[name]}, got {value!r}")
-
-
 def _ewm(kind: str, x, com, span, halflife, alpha, adjust, ignore_na, min_periods, bias, axis, out,
          engine):
-    c = _center_of_mass(com, span, halflife, alpha)
-    if isinstance(min_periods, bool) or not isinstance(min_periods, (int, np.integer)) or min_periods < 0:
-        raise BadInputError(f"min_periods must be a non-negative integer, got {min_periods!r}")
-    minp = _imax(int(min_periods), 1)  # as pandas
+    a = checked(min_periods=min_periods, com=com, span=span, halflife=halflife, alpha=alpha)
+    c, minp = a["com"], a["min_periods"]
 
     def numba_fn(p, r):
         if kind == "mean":
@@ -257,8 +222,8 @@ def ewm_std(x, *, com: float | None = None, span: float | None = None, halflife:
 def _pairwise(kind: str, mode: int, y, x, window, min_periods, ddof, axis, out, engine):
     """Run the pairwise kernel of ``y`` against ``x``: same shape, or a market series broadcast
     over every other axis (its length along time only)."""
-    window, min_periods = _window_args(window, min_periods)
-    ddof = _ddof_arg(ddof)
+    a = checked(window=window, min_periods=min_periods, ddof=ddof)
+    window, min_periods, ddof = a["window"], a["min_periods"], a["ddof"]
     ref = _Input(y, "y", engine)
     ax = ref.axis(axis)
     other = _Input(x, "x", "torch" if ref.use_torch else engine)  # x follows y to its device
@@ -320,9 +285,7 @@ def _rsquare(y, x, window: int, *, min_periods: int | None = None, axis=None, ou
 
 # ------------------------------------------------------------------------------- transforms
 def _lag(what: int, x, periods, axis, out, engine):
-    if isinstance(periods, bool) or not isinstance(periods, (int, np.integer)):
-        raise BadInputError(f"periods must be an integer, got {periods!r}")
-    periods = int(periods)
+    periods = checked(periods=periods)["periods"]
     return _apply(x, axis, out, engine, lambda p, r: _run(_lag_kernel, p.shape[0], p, r, periods, what),
                   lambda p: _torch_lag(p, periods, what))
 
@@ -377,17 +340,16 @@ def cs_rank(x, *, axis=None, method: str = "average", ascending: bool = True, pc
             out=None, engine: str = "auto"):
     """Cross-sectional rank over the stock axis at each time step (NaN stays NaN), like
     ``DataFrame.rank(axis=1, method, ascending, pct)`` on a (time, stock) frame."""
-    if method not in _RANK_METHODS:
-        raise BadInputError(f"method {method!r} is unknown; use one of {sorted(_RANK_METHODS)}")
+    checked(method=method)
     return _cross_section(
         "rank", x, axis, out, engine,
         lambda p, r: _run(_cs_rank_kernel, p.shape[0], p, np.argsort(p, axis=1, kind="stable"), r,
-                          _RANK_METHODS[method], bool(ascending), bool(pct)),
+                          RANK_METHODS[method], bool(ascending), bool(pct)),
         method=method, ascending=bool(ascending), pct=bool(pct))
 
 
 def cs_zscore(x, *, axis=None, ddof: int = 1, out=None, engine: str = "auto"):
     """Cross-sectional ``(x - mean) / std`` over the stock axis at each time step, NaN-aware."""
-    ddof = _ddof_arg(ddof)
+    ddof = checked(ddof=ddof)["ddof"]
     return _cross_section("zscore", x, axis, out, engine,
                           lambda p, r: _run(_cs_zscore_kernel, p.shape[0], p, r, ddof), ddof=ddof)

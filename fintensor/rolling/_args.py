@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import checks
 from ..errors import BadInputError
 from ..tensor import StockTensor
 
@@ -149,22 +150,68 @@ def _deliver(inp: _Input, target, res):
     return inp.wrap(target)
 
 
-def _window_args(window, min_periods) -> tuple[int, int]:
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise BadInputError(f"window must be a positive integer, got {window!r}")
-    window = int(window)
-    if min_periods is None:
-        return window, window
-    if isinstance(min_periods, bool) or not isinstance(min_periods, (int, np.integer)) \
-            or not 0 <= min_periods <= window:
-        raise BadInputError(f"min_periods must be an integer from 0 to the window ({window}), "
-                            f"got {min_periods!r}")
-    return window, int(min_periods)
+RANK_METHODS = {"average": 0, "min": 1, "max": 2}
+_UNSET = object()
 
 
-def _ddof_arg(ddof) -> int:
-    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
-        raise BadInputError(f"ddof must be a non-negative integer, got {ddof!r}")
-    return int(ddof)
+def checked(*, window=_UNSET, min_periods=_UNSET, ddof=_UNSET, method=_UNSET, q=_UNSET, periods=_UNSET,
+            com=None, span=None, halflife=None, alpha=None) -> dict:
+    """Every public function's arguments, validated in one place (bottleneck's ``mover()``): pass
+    the ones the function takes; get them back converted. ``min_periods`` defaults to the window
+    when a window is given; without one (exponential weights) it is a non-negative count, at least
+    1 as in pandas. com / span / halflife / alpha come back as ``com``, the center of mass."""
+    args = {}
+    if window is not _UNSET:
+        if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+            raise BadInputError(f"window must be a positive integer, got {window!r}")
+        args["window"] = window = int(window)
+        if min_periods is None:
+            min_periods = window
+        elif isinstance(min_periods, bool) or not isinstance(min_periods, (int, np.integer)) \
+                or not 0 <= min_periods <= window:
+            raise BadInputError(f"min_periods must be an integer from 0 to the window ({window}), "
+                                f"got {min_periods!r}")
+        args["min_periods"] = int(min_periods)
+    elif min_periods is not _UNSET:
+        args["com"] = center_of_mass(com, span, halflife, alpha)
+        args["min_periods"] = max(checks.nonnegative_int("min_periods", min_periods), 1)  # as pandas
+    if ddof is not _UNSET:
+        args["ddof"] = checks.nonnegative_int("ddof", ddof)
+    if method is not _UNSET:
+        if method not in RANK_METHODS:
+            raise BadInputError(f"method {method!r} is unknown; use one of {sorted(RANK_METHODS)}")
+        args["method"] = method
+    if q is not _UNSET:
+        if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not 0.0 <= q <= 1.0:
+            raise BadInputError(f"quantile q must be a number from 0 to 1, got {q!r}")
+        args["q"] = float(q)
+    if periods is not _UNSET:
+        if isinstance(periods, bool) or not isinstance(periods, (int, np.integer)):
+            raise BadInputError(f"periods must be an integer, got {periods!r}")
+        args["periods"] = int(periods)
+    return args
+
+
+def center_of_mass(com, span, halflife, alpha) -> float:
+    """pandas' decay (exactly one of com, span, halflife, alpha) as a center of mass."""
+    given = {k: v for k, v in dict(com=com, span=span, halflife=halflife, alpha=alpha).items()
+             if v is not None}
+    if len(given) != 1:
+        raise BadInputError("give exactly one of com, span, halflife, alpha "
+                            f"(got {', '.join(given) or 'none'})")
+    (name, value), = given.items()
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise BadInputError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if name == "com" and value >= 0:
+        return value
+    if name == "span" and value >= 1:
+        return (value - 1) / 2
+    if name == "halflife" and value > 0:
+        return 1 / (1 - math.exp(math.log(0.5) / value)) - 1
+    if name == "alpha" and 0 < value <= 1:
+        return 1 / value - 1
+    limits = {"com": ">= 0", "span": ">= 1", "halflife": "> 0", "alpha": "in (0, 1]"}
+    raise BadInputError(f"{name} must be {limits[name]}, got {value!r}")
 
 
