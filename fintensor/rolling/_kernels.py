@@ -578,7 +578,7 @@ def _ewm_var_kernel(x, out, com, adjust, ignore_na, min_periods, bias, take_sqrt
                          take_sqrt, lo)
 
 
-# ==================================================================== lags and cross-sections
+# ============================================================================================ lags
 @njit(**_JIT)
 def _lag_kernel(x, out, periods, what, first, stop):
     """shift / diff / simple return / log return against the value ``periods`` rows earlier."""
