@@ -1,0 +1,274 @@
+"""Order statistics in a moving window -- median, quantile, rank -- from blocks sorted once and a
+bitset per window."""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from llvmlite import ir as llvm_ir
+from numba.extending import intrinsic
+
+from ._kernels import _JIT, _NAN, _imax, _imin
+
+_ORDER_STRIP = 16  # columns whose sorted windows are kept side by side (16 x window values: L1 / L2)
+_QUANTILE, _MEDIAN, _RANK = range(3)
+
+# =================================================================== order statistics in a window
+# A window is the suffix of one block of ``window`` rows plus a prefix of the next (as in the block
+# scheme above). Each block's values are sorted once (numpy's integer sort of keys that carry the
+# row), and each pair of adjacent blocks is merged once, so every value has a fixed place in its
+# pair's order; a window is then a set of places, kept as a bitset of 2 x window bits. Adding or
+# removing a value is one bit; the k-th smallest value is found by counting bits (popcount), and the
+# set bits below a place are the rank of a value. A step costs O(window / 64) word operations, not
+# the O(window) values a sorted copy of the window moves.
+_NAN_KEY = np.int64(0x7FFFFFFFFFFFFFFF)  # the sort key of NaN (and of rows past the end): last
+_ONE = np.uint64(1)
+_ORDER_MIN_BLOCK = 32  # rows: shorter blocks for short windows would cost more per block than per row
+_ORDER_KEY_BYTES = 1 << 24  # a column chunk's sort keys at most (16 MiB), but never fewer than a strip
+
+
+@intrinsic
+def _popcount(typingctx, word):
+    """Set bits of a uint64 (LLVM's ctpop: one instruction where the CPU has it)."""
+    if word != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return types.uint64(types.uint64), codegen
+
+
+@intrinsic
+def _trailing_zeros(typingctx, word):
+    """Zero bits below the lowest set bit of a nonzero uint64 (LLVM's cttz)."""
+    if word != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], llvm_ir.Constant(llvm_ir.IntType(1), 0))
+
+    return types.uint64(types.uint64), codegen
+
+
+@njit(inline="always")
+def _next_set(words, base, place):
+    """Place of the first set bit after ``place`` in the bitset ``words[base:]`` (there is one)."""
+    i = base + (place >> 6)
+    above = words[i] & ~(((_ONE << np.uint64(place & 63)) << _ONE) - _ONE)
+    while above == 0:
+        i += 1
+        above = words[i]
+    return (i - base) * 64 + int(_trailing_zeros(above))
+
+
+@njit(inline="always")
+def _select_in_word(word, k):
+    """Place (0..63) of the k-th (from 0) set bit of ``word``, which has more than k: halve the
+    word six times, counting the set bits of the lower half."""
+    place = np.uint64(0)
+    for width in (np.uint64(32), np.uint64(16), np.uint64(8), np.uint64(4), np.uint64(2), _ONE):
+        low = _popcount(word & ((_ONE << width) - _ONE))
+        skip = k >= low
+        k = k - low if skip else k
+        word = word >> width if skip else word
+        place = place + width if skip else place
+    return int(place)
+
+
+@njit(inline="always")
+def _select(words, base, k):
+    """Place of the k-th (from 0) set bit of the bitset ``words[base:]`` (which has more than k)."""
+    kk = np.uint64(k)
+    i = base
+    c = _popcount(words[i])
+    while kk >= c:
+        kk -= c
+        i += 1
+        c = _popcount(words[i])
+    return (i - base) * 64 + _select_in_word(words[i], kk)
+
+
+@njit(inline="always")
+def _count_below(words, base, place):
+    """Set bits of the bitset ``words[base:]`` at places below ``place``."""
+    full = base + (place >> 6)
+    total = np.uint64(0)
+    for i in range(base, full):
+        total += _popcount(words[i])
+    rest = np.uint64(place & 63)
+    if rest:
+        total += _popcount(words[full] & ((_ONE << rest) - _ONE))
+    return int(total)
+
+
+@njit(**_JIT)
+def _block_keys(x, bits, window, row_bits):
+    """(columns, blocks, window) int64 sort keys of a (T, columns) float64 chunk ``x`` (``bits``
+    is the same memory as int64) cut into blocks of ``window`` rows: the value's bits mapped to an
+    integer of the same order, its lowest ``row_bits`` bits replaced by the row's offset in the
+    block (NaN and rows past the end sort last). Values that differ only in the replaced bits may
+    sort in the wrong order; ``_order_kernel`` repairs that."""
+    T, n = x.shape
+    n_blocks = (T + window - 1) // window
+    keys = np.empty((n, n_blocks, window), dtype=np.int64)
+    low = np.int64((1 << row_bits) - 1)
+    flip = np.int64(0x7FFFFFFFFFFFFFFF)
+    for t in range(n_blocks * window):
+        b, r = t // window, t % window
+        if t < T:
+            for j in range(n):
+                k = bits[t, j]
+                k = k ^ ((k >> 63) & flip)  # negative floats: reverse their order
+                k = k if x[t, j] == x[t, j] else _NAN_KEY
+                keys[j, b, r] = (k & ~low) | r
+        else:
+            for j in range(n):
+                keys[j, b, r] = _NAN_KEY
+    return keys
+
+
+@njit(**_JIT)
+def _order_kernel(x, keys, out, window, block, min_periods, whats, qs, method, ascending, pct, c_out, row_bits):
+    """quantile (linear interpolation) / median / rank of the current value, like pandas, for the
+    columns of the float64 chunk ``x`` (out's columns from ``c_out``), each block's values already
+    ordered by ``keys``. ``out[k]`` gets statistic ``whats[k]`` (quantile ``qs[k]``): several from
+    one pass. A strip of a few columns is walked down time at a time, so that its state stays in
+    cache. Blocks have ``block`` >= window rows (a window spans at most two)."""
+    T, M = x.shape
+    w = block
+    n_words = (2 * w + 63) // 64
+    low = np.int64((1 << row_bits) - 1)
+    nan_high = _NAN_KEY & ~low
+    want_rank = False
+    for s in range(whats.shape[0]):
+        want_rank |= whats[s] == _RANK
+    for c0 in range(0, M, _ORDER_STRIP):
+        n = _imin(_ORDER_STRIP, M - c0)
+        prev_v = np.empty((n, w + 1))  # the previous block's valid values, sorted, and their rows
+        prev_r = np.zeros((n, w + 1), dtype=np.int64)
+        n_prev = np.zeros(n, dtype=np.int64)
+        cur_v = np.empty(w + 1)
+        cur_r = np.zeros(w + 1, dtype=np.int64)
+        pair_v = np.empty((n, 2 * w))  # the pair's valid values, sorted
+        place = np.empty((n, 2 * w), dtype=np.int64)  # row of the pair (previous block 0.., this w..)
+        tie_lo = np.empty((n, 2 * w), dtype=np.int64)  # place -> first / past-last place of its value
+        tie_hi = np.empty((n, 2 * w), dtype=np.int64)
+        words = np.zeros(n * n_words, dtype=np.uint64)  # column j's bitset from j * n_words
+        cnt = np.zeros(n, dtype=np.int64)
+        for tb in range(0, T, w):
+            te = _imin(tb + w, T)
+            for j in range(n):
+                # this block's valid values in order, from the sorted keys (NaN keys come last)
+                ks = keys[c0 + j, tb // w]
+                m = 0
+                while m < w and (ks[m] & ~low) != nan_high:
+                    r = ks[m] & low
+                    cur_v[m] = x[tb + r, c0 + j]
+                    cur_r[m] = r
+                    m += 1
+                for i in range(1, m):  # repair values that differ only in the key's row bits
+                    u = i
+                    while u > 0 and cur_v[u - 1] > cur_v[u]:
+                        cur_v[u - 1], cur_v[u] = cur_v[u], cur_v[u - 1]
+                        cur_r[u - 1], cur_r[u] = cur_r[u], cur_r[u - 1]
+                        u -= 1
+                # merge the previous block (rows 0..w-1) and this one (rows w..) into the pair order
+                pv, pr, k_prev = prev_v[j], prev_r[j], n_prev[j]
+                pl = place[j]
+                pl[:] = -1
+                a, b = 0, 0
+                for o in range(k_prev + m):
+                    va, vb = pv[a], cur_v[b]
+                    ta = np.int64((a < k_prev) & ((b >= m) | (va <= vb)))  # 1: take a (arithmetic, no branch)
+                    pair_v[j, o] = va if ta else vb
+                    pl[ta * pr[a] + (1 - ta) * (w + cur_r[b])] = o
+                    a += ta
+                    b += 1 - ta
+                o = k_prev + m
+                if want_rank:
+                    g = 0
+                    while g < o:
+                        h = g + 1
+                        while h < o and pair_v[j, h] == pair_v[j, g]:
+                            h += 1
+                        for u in range(g, h):
+                            tie_lo[j, u] = g
+                            tie_hi[j, u] = h
+                        g = h
+                # the window before this block's first row: its last ``window`` rows' valid values
+                wb = j * n_words
+                words[wb:wb + n_words] = 0
+                k = 0
+                for u in range(k_prev):
+                    if pr[u] >= w - window:
+                        p = pl[pr[u]]
+                        words[wb + (p >> 6)] |= _ONE << np.uint64(p & 63)
+                        k += 1
+                cnt[j] = k
+                pv[:m] = cur_v[:m]
+                pr[:m] = cur_r[:m]
+                n_prev[j] = m
+            for t in range(tb, te):
+                r = t - tb
+                gone = t - window - (tb - w)  # the row leaving the window, counted in the pair
+                for j in range(n):
+                    wb = j * n_words
+                    k = cnt[j]
+                    p = place[j, gone] if gone >= 0 else -1
+                    if p >= 0:
+                        words[wb + (p >> 6)] &= ~(_ONE << np.uint64(p & 63))
+                        k -= 1
+                    p_now = place[j, w + r]
+                    if p_now >= 0:
+                        words[wb + (p_now >> 6)] |= _ONE << np.uint64(p_now & 63)
+                        k += 1
+                    cnt[j] = k
+                    for s in range(whats.shape[0]):
+                        res = _NAN
+                        if k >= min_periods and k > 0:
+                            if whats[s] == _MEDIAN:
+                                h = k // 2
+                                if k % 2:
+                                    res = pair_v[j, _select(words, wb, h)]
+                                else:
+                                    below = _select(words, wb, h - 1)
+                                    res = (pair_v[j, below] + pair_v[j, _next_set(words, wb, below)]) / 2.0
+                            elif whats[s] == _QUANTILE:
+                                pos = qs[s] * (k - 1)
+                                lo = int(pos)
+                                at = _select(words, wb, lo)
+                                res = pair_v[j, at]
+                                if pos != lo:
+                                    res += (pair_v[j, _next_set(words, wb, at)] - res) * (pos - lo)
+                            elif p_now >= 0:  # rank of the current value
+                                below = _count_below(words, wb, tie_lo[j, p_now])
+                                upto = _count_below(words, wb, tie_hi[j, p_now])
+                                if not ascending:
+                                    below, upto = k - upto, k - below
+                                if method == 1:
+                                    res = below + 1.0
+                                elif method == 2:
+                                    res = float(upto)
+                                else:
+                                    res = (below + 1 + upto) / 2.0
+                                res = res / k if pct else res
+                        out[s, t, c_out + c0 + j] = res
+
+
+def _order_columns(x, out, window, min_periods, whats, qs, method, ascending, pct, first, stop):
+    """``_order_kernel`` over columns first..stop-1 of x, in chunks whose sort keys fit
+    _ORDER_KEY_BYTES: numba writes the keys, numpy sorts them (its integer sort is several times
+    faster than one compiled here), numba does the rest. numpy and the kernels release the GIL."""
+    T = x.shape[0]
+    block = _imax(window, _ORDER_MIN_BLOCK)
+    row_bits = _imax(1, (block - 1).bit_length())
+    padded = -(-T // block) * block
+    chunk = _imax(_ORDER_STRIP, _ORDER_KEY_BYTES // (8 * padded) // _ORDER_STRIP * _ORDER_STRIP)
+    for c0 in range(first, stop, chunk):
+        c1 = _imin(c0 + chunk, stop)
+        part = np.ascontiguousarray(x[:, c0:c1], dtype=np.float64)
+        keys = _block_keys(part, part.view(np.int64), block, row_bits)
+        keys.sort(axis=-1)
+        _order_kernel(part, keys, out, window, block, min_periods, whats, qs, method, ascending, pct, c0, row_bits)
+
+

@@ -1,0 +1,54 @@
+"""Running a kernel over column (or row) ranges, one per thread, and compiling it once per process."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numba
+from filelock import FileLock
+
+from ._kernels import _imax, _imin
+
+_warm: set = set()
+
+
+def _cache_lock() -> FileLock:
+    """numba writes its on-disk cache without locking (numba#4807): serialise first calls across
+    processes (pytest-xdist workers, parallel jobs) on a lock named after this file."""
+    tag = hashlib.sha1(os.path.abspath(__file__).encode()).hexdigest()[:12]
+    return FileLock(os.path.join(tempfile.gettempdir(), f"fintensor-numba-{tag}.lock"))
+
+
+_SERIAL_BELOW = 200_000  # elements: below this, waking another thread costs more than it saves
+_pool: ThreadPoolExecutor | None = None
+
+
+def _run(kernel: Callable, units: int, *args) -> None:
+    """``kernel(*args, first, stop)`` over ``units`` columns (or rows), split into one contiguous
+    range per thread (``numba.get_num_threads()``; the kernels release the GIL). Results do not
+    depend on the split. The first call per (kernel, dtype) in this process compiles or loads the
+    cached machine code, alone, under an inter-process lock."""
+    global _pool
+    key = (kernel.__name__, args[0].dtype.char)
+    if key not in _warm:
+        with _cache_lock():
+            kernel(*args, 0, units)
+        _warm.add(key)
+        return
+    threads = _imin(numba.get_num_threads(), units) if args[0].size >= _SERIAL_BELOW else 1
+    if threads <= 1:
+        kernel(*args, 0, units)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_imax(1, (os.cpu_count() or 2) - 1),
+                                   thread_name_prefix="fintensor-rolling")
+    bounds = [units * i // threads for i in range(threads + 1)]
+    pending = [_pool.submit(kernel, *args, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    kernel(*args, bounds[0], bounds[1])
+    for job in pending:
+        job.result()
+
+
