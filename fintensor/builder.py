@@ -479,7 +479,7 @@ def _build_daily(store, syms, manifests, days, fields, cal, adjust, fill_spec, t
         source=sources[0] if len(sources) == 1 else sources, interval=interval, calendar=cal, adjustment=adjust,
         adjusted_from=notes if len(set(notes.values())) > 1 else next(iter(notes.values())),
         fill=None if fill_spec is None else {"method": "ffill", "limit": fill_spec[1]},
-        store=str(store.root), store_fingerprint=fingerprint,
+        store=store.uri, store_fingerprint=fingerprint,
         store_checksums={s: manifests[s]["checksum"] for s in syms},
         rows=rows,
     )
@@ -898,7 +898,7 @@ def _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, 
         adjustment="raw" if source == "tick" else adjusts[syms[0]],
         auction="folded into the first slot; late prints into the slot before" if fold
         else "records outside the regular session dropped",
-        store=str(store.root), store_fingerprint=fingerprint, slots_per_day=n_slots.tolist(),
+        store=store.uri, store_fingerprint=fingerprint, slots_per_day=n_slots.tolist(),
     )
     if dropped:
         meta["dropped_records"] = dropped
