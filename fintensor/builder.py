@@ -210,7 +210,7 @@ def _missing_error(store: Store, missing: list[str], what: str, start, end) -> M
     how = ("`fintensor import FILE --ticks`" if what == "ticks" else
            f"`fintensor download {names} --start {start} --end {end}"
            f"{'' if what == '1d' else f' --interval {what}'}` or `fintensor import FILE`")
-    return MissingDataError(f"the store at {store.root} has no {what if what == 'ticks' else what + ' bars'} "
+    return MissingDataError(f"the store at {store.uri} has no {what if what == 'ticks' else what + ' bars'} "
                             f"for {', '.join(missing)}; get them with {how}")
 
 
@@ -745,7 +745,7 @@ def _tick_source(store: Store, syms: list[str], days: np.ndarray, interval: str 
         else:
             lacking = [s for s in syms if not has_ticks(s)]
             raise MissingDataError(
-                f"the store at {store.root} has neither ticks ({lo}..{hi}) nor 1m bars for "
+                f"the store at {store.uri} has neither ticks ({lo}..{hi}) nor 1m bars for "
                 f"{', '.join(lacking)}; import them with `fintensor import FILE --ticks` (or 1-minute bars "
                 f"with `fintensor import FILE --interval 1m`)")
     if interval in ("tick", "ticks"):

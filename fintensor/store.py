@@ -598,7 +598,7 @@ class Store:
         if man is None:
             raise MissingDataError(
                 f"no {interval} bars for {sym}{'' if adjust is None else f' ({adjust}-adjusted)'} in the store at "
-                f"{self.root}; get them with "
+                f"{self.uri}; get them with "
                 f"`fintensor download {sym} --interval {interval}` or `fintensor import FILE`")
         if lo is not None or hi is not None:
             d = table.column("date")
@@ -649,7 +649,7 @@ class Store:
             days = [d for d in days if (lo is None or d >= lo.isoformat()) and (hi is None or d <= hi.isoformat())]
             if not days:
                 raise MissingDataError(
-                    f"no ticks for {s} between {start} and {end} in the store at {self.root}; "
+                    f"no ticks for {s} between {start} and {end} in the store at {self.uri}; "
                     f"import them with `fintensor import FILE --ticks`")
             for d in days:
                 man, t = self._read_committed(base / f"date={d}", "ticks", lambda m: m["parts"], need, verify)
@@ -714,7 +714,7 @@ class Store:
             if m is not None:
                 out.append(m)
         if not out:
-            raise MissingDataError(f"{sym} is not in the store at {self.root}; see `fintensor cache list`")
+            raise MissingDataError(f"{sym} is not in the store at {self.uri}; see `fintensor cache list`")
         return out
 
     def coverage(self, symbol: str, interval: str = "1d", *, adjust: str | None = None) -> tuple[str, str] | None:
@@ -876,7 +876,7 @@ class Store:
                 found.add(m["symbol"])
         missing = sorted((wanted or set()) - found)
         if missing:
-            raise MissingDataError(f"{', '.join(missing)}: nothing stored at interval {interval} in {self.root}; "
+            raise MissingDataError(f"{', '.join(missing)}: nothing stored at interval {interval} in {self.uri}; "
                                    "see `fintensor cache list`")
         return out
 
