@@ -861,19 +861,26 @@ class Store:
             wanted = None
         else:
             wanted = {_symbols.normalize(s) for s in ([symbols] if isinstance(symbols, str) else symbols)}
-        out, found, seen = [], set(), set()
-        for pdir, _ in self._manifests():
-            m = self._load_manifest(pdir)
-            if m is None or (m["kind"] == "ticks") != ticks or (iv is not None and m["interval"] != iv):
-                continue
-            if not ticks and adjust is not None and m["adjustment"] != adjust:
-                continue
-            if wanted is None or m["symbol"] in wanted:
-                if not ticks and (m["symbol"], m["interval"]) in seen and adjust is None:
-                    raise BadInputError(_ambiguous(m["symbol"], interval, self.adjustments(m["symbol"], iv)))
-                seen.add((m["symbol"], m["interval"]))
-                out.extend(self._part_file(pdir, p) for p in m["parts"])  # remote: fetched, verified
-                found.add(m["symbol"])
+        def collect():
+            out, found, seen = [], set(), set()
+            for pdir, _ in self._manifests():
+                m = self._load_manifest(pdir)
+                if m is None or (m["kind"] == "ticks") != ticks or (iv is not None and m["interval"] != iv):
+                    continue
+                if not ticks and adjust is not None and m["adjustment"] != adjust:
+                    continue
+                if wanted is None or m["symbol"] in wanted:
+                    if not ticks and (m["symbol"], m["interval"]) in seen and adjust is None:
+                        raise BadInputError(_ambiguous(m["symbol"], interval, self.adjustments(m["symbol"], iv)))
+                    seen.add((m["symbol"], m["interval"]))
+                    try:  # remote: fetched and verified; a part gone with a newer remote snapshot: list that
+                        out.extend(self._part_file(pdir, p) for p in m["parts"])
+                    except FileNotFoundError as exc:
+                        raise _Vanished(exc) from None
+                    found.add(m["symbol"])
+            return out, found
+
+        out, found = _lock_free(collect, self.uri)
         missing = sorted((wanted or set()) - found)
         if missing:
             raise MissingDataError(f"{', '.join(missing)}: nothing stored at interval {interval} in {self.uri}; "

@@ -11,7 +11,8 @@
   manifest's entry (a damaged remote part is a ``StoreCorruptError``, never returned); a part already in
   the mirror with the right size and SHA-256 is not fetched again.
 
-One snapshot per ``Store`` instance: a new ``Store(uri)`` sees manifests committed remotely since. Writes
+One snapshot per ``Store`` instance: a new ``Store(uri)`` sees manifests committed remotely since (an instance
+moves to the newest snapshot only when a part of its own is gone remotely, superseded by a newer one). Writes
 are refused (``Store._ensure_writable``): fintensor's commit protocol needs an atomic rename and a lock,
 which object stores do not give; write to a local store and upload its committed files instead.
 """
@@ -166,12 +167,27 @@ class RemoteMirror:
         try:
             return self._get(rel)
         except FileNotFoundError:
-            raise
+            pass
         except (pa.ArrowException, OSError) as exc:
-            if "not found" in str(exc).lower() or "does not exist" in str(exc).lower():
-                raise FileNotFoundError(self.where(local)) from None
-            raise StoreCorruptError(f"cannot fetch {self.where(local)} ({_reason(exc)}); check the network and "
-                                    "the credentials, then retry") from None
+            if not ("not found" in str(exc).lower() or "does not exist" in str(exc).lower()):
+                raise StoreCorruptError(f"cannot fetch {self.where(local)} ({_reason(exc)}); check the network "
+                                        "and the credentials, then retry") from None
+        return self._gone(local)
+
+    def _gone(self, local: Path):
+        """A part of this snapshot is missing remotely. If a newer snapshot superseded it, move to that one
+        (FileNotFoundError: readers start again from the new manifest); if the newest remote manifest still
+        lists it, the remote store is damaged (StoreCorruptError)."""
+        self.synced = False
+        self.sync()
+        try:
+            listed = local.name in {p["file"] for p in json.loads((local.parent / MANIFEST).read_bytes())["parts"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            listed = False
+        if listed:
+            raise StoreCorruptError(f"{self.where(local)}: listed in the remote manifest but missing from the remote "
+                                    "store; re-upload the partition from a verified local store")
+        raise FileNotFoundError(self.where(local))
 
 
 def _reason(exc: BaseException) -> str:

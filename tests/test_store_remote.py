@@ -139,6 +139,29 @@ def test_a_new_store_instance_sees_the_newer_snapshot(remote, shared_data):
     assert not list((newer.root / "bars").glob("interval=1d/symbol=ABBV/**/*.*"))  # gone remotely: pruned
 
 
+def test_a_part_superseded_remotely_moves_the_instance_to_the_newer_snapshot(remote):
+    r = Store(uri(remote))
+    assert r.symbols() == SYMBOLS  # this instance's snapshot: manifests only, no part fetched yet
+    local = Store(remote)
+    old_parts = set(map(str, local.files("AAPL")))
+    bars = local.read_partition("AAPL").to_pandas()
+    bars.loc[100, "close"] *= 1.01
+    local.write_bars("AAPL", bars, source="csv", adjust=local.manifest("AAPL")["adjustment"],
+                     on_conflict="overwrite")  # a rewrite: the parts r's manifest lists are deleted
+    assert not old_parts & set(map(str, local.files("AAPL")))
+    assert r.read("AAPL").equals(local.read("AAPL"))
+    assert r.files("AAPL")[0].read_bytes() == local.files("AAPL")[0].read_bytes()
+
+
+def test_a_part_missing_from_the_remote_store_is_one_clear_error(remote):
+    Store(remote).files("AMZN")[0].unlink()
+    r = Store(uri(remote))
+    for read in (lambda: r.read("AMZN"), lambda: r.files("AMZN")):
+        with pytest.raises(StoreCorruptError, match="listed in the remote manifest but missing from the remote"):
+            read()
+    assert any("AMZN" in p.path for p in r.verify())
+
+
 # ------------------------------------------------------------------------------------------ builds
 def test_build_on_a_uri_is_the_local_build_bit_for_bit(remote):
     args = dict(symbols=SYMBOLS, start="2012-12-06", end="2017-12-05", fields=["open", "close", "volume"])
