@@ -210,7 +210,7 @@ def _missing_error(store: Store, missing: list[str], what: str, start, end) -> M
     how = ("`fintensor import FILE --ticks`" if what == "ticks" else
            f"`fintensor download {names} --start {start} --end {end}"
            f"{'' if what == '1d' else f' --interval {what}'}` or `fintensor import FILE`")
-    return MissingDataError(f"the store at {store.root} has no {what if what == 'ticks' else what + ' bars'} "
+    return MissingDataError(f"the store at {store.uri} has no {what if what == 'ticks' else what + ' bars'} "
                             f"for {', '.join(missing)}; get them with {how}")
 
 
@@ -479,7 +479,7 @@ def _build_daily(store, syms, manifests, days, fields, cal, adjust, fill_spec, t
         source=sources[0] if len(sources) == 1 else sources, interval=interval, calendar=cal, adjustment=adjust,
         adjusted_from=notes if len(set(notes.values())) > 1 else next(iter(notes.values())),
         fill=None if fill_spec is None else {"method": "ffill", "limit": fill_spec[1]},
-        store=str(store.root), store_fingerprint=fingerprint,
+        store=store.uri, store_fingerprint=fingerprint,
         store_checksums={s: manifests[s]["checksum"] for s in syms},
         rows=rows,
     )
@@ -745,7 +745,7 @@ def _tick_source(store: Store, syms: list[str], days: np.ndarray, interval: str 
         else:
             lacking = [s for s in syms if not has_ticks(s)]
             raise MissingDataError(
-                f"the store at {store.root} has neither ticks ({lo}..{hi}) nor 1m bars for "
+                f"the store at {store.uri} has neither ticks ({lo}..{hi}) nor 1m bars for "
                 f"{', '.join(lacking)}; import them with `fintensor import FILE --ticks` (or 1-minute bars "
                 f"with `fintensor import FILE --interval 1m`)")
     if interval in ("tick", "ticks"):
@@ -898,7 +898,7 @@ def _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, 
         adjustment="raw" if source == "tick" else adjusts[syms[0]],
         auction="folded into the first slot; late prints into the slot before" if fold
         else "records outside the regular session dropped",
-        store=str(store.root), store_fingerprint=fingerprint, slots_per_day=n_slots.tolist(),
+        store=store.uri, store_fingerprint=fingerprint, slots_per_day=n_slots.tolist(),
     )
     if dropped:
         meta["dropped_records"] = dropped

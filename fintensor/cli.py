@@ -267,7 +267,7 @@ def cmd_cache(args) -> int:
     if args.cache_cmd == "list":
         rows = store.list()
         _emit(args, rows, _table(rows, ["symbol", "interval", "start", "end", "rows", "source", "adjustment"])
-              + f"\nstore: {store.root}")
+              + f"\nstore: {store.uri}" + (f" (read-only, mirrored in {store.root})" if store.remote else ""))
         return EXIT_OK
     if args.cache_cmd == "info":
         mans = store.info(args.symbol)

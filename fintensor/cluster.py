@@ -260,8 +260,9 @@ def _plan(symbols, start, end, fields="close", interval="1d", store=None, calend
     if plan.request["calendar"] == _calendars.DATA:
         raise BadInputError("calendar='data' aligns on the stored dates of all symbols together, which a block "
                             "of them does not see; name the exchange (e.g. calendar='XNYS') or build without Ray")
-    # the store by path (a Store object holds this process's state)
-    kwargs = dict(start=start, end=end, fields=plan.fields, interval=interval, store=str(plan.store.root),
+    # the store by path or URI (a Store object holds this process's state; a remote store's URI lets each
+    # worker mirror only the parts its block reads)
+    kwargs = dict(start=start, end=end, fields=plan.fields, interval=interval, store=plan.store.uri,
                   calendar=calendar, adjust=adjust, fill=fill, dtype=plan.dtype, label=label)
     return plan, kwargs
 

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import store_verify
+from . import store_remote, store_verify
 from . import symbols as _symbols
 from .calendars import parse_date
 from .errors import (BadInputError, ConflictError, MissingDataError, StoreBusyError,
@@ -104,19 +104,54 @@ def _table_bytes(table: pa.Table) -> bytes:
 
 # -------------------------------------------------------------------------------------------- store
 class Store:
-    """A local Parquet cache of market data. ``Store()`` uses ``$FINTENSOR_HOME`` or the user cache dir."""
+    """A local Parquet cache of market data. ``Store()`` uses ``$FINTENSOR_HOME`` or the user cache dir.
 
-    def __init__(self, root: str | os.PathLike | None = None, *, lock_timeout: float | None = None):
-        self.root = Path(root).expanduser() if root is not None else default_root()
-        if self.root.exists() and not self.root.is_dir():
-            raise BadInputError(f"store path {self.root} exists and is not a directory")
+    ``Store("s3://bucket/prefix")`` (any URI ``pyarrow.fs.FileSystem.from_uri`` accepts: ``gs://``, ``hdfs://``,
+    ``file:///abs/path``; or a path in ``filesystem=``, a ``pyarrow.fs.FileSystem``) reads a store there,
+    read-only, through a checksum-verified local mirror under the fintensor home (``root``; ``uri`` keeps the
+    URI): the snapshot's manifests are copied on first use and part files when a read needs them. One
+    snapshot per instance: a new ``Store(uri)`` sees what was committed remotely since. Writes are refused.
+    See ``fintensor.store_remote``.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, *, lock_timeout: float | None = None,
+                 filesystem=None):
+        self._remote = None
+        if store_remote.is_uri(root) or (filesystem is not None and root is not None):
+            self._remote = store_remote.RemoteMirror(str(root), default_root(), filesystem)
+            self._root, self.uri = self._remote.root, str(root)
+        else:
+            self._root = Path(root).expanduser() if root is not None else default_root()
+            self.uri = str(self._root)
+        if self._root.exists() and not self._root.is_dir():
+            raise BadInputError(f"store path {self._root} exists and is not a directory")
         self.lock_timeout = _lock_timeout() if lock_timeout is None else lock_timeout
         self._lock = None
         self._checked_manifests: dict[Path, bytes] = {}  # manifest bytes that passed their checks
         self._checked_parts: set[tuple] = set()  # (kind, sha256, manifest entry) of parts that passed theirs
 
     def __repr__(self) -> str:
-        return f"Store({str(self.root)!r})"
+        return f"Store({self.uri!r})"
+
+    @property
+    def root(self) -> Path:
+        """The store's local folder (for a remote store, its mirror: the snapshot's metadata is fetched into
+        it on first use)."""
+        if self._remote is not None and not self._remote.synced:
+            self._remote.sync()
+        return self._root
+
+    @property
+    def remote(self) -> bool:
+        """True for a store read through a URI (read-only, mirrored locally)."""
+        return self._remote is not None
+
+    def _part_file(self, pdir: Path, part: dict) -> Path:
+        """The local file of a manifest's part entry (a remote store's is fetched and verified first)."""
+        path = pdir / part["file"]
+        if self._remote is not None:
+            self._remote.ensure_part(path, part)
+        return path
 
     # ----------------------------------------------------------------------------------- locking
     def lock(self):
@@ -134,9 +169,15 @@ class Store:
 
     def _lock_if_writable(self):
         """The lock, or no lock on a store this process cannot write (then no one else of ours writes it)."""
+        if self._remote is not None:  # nothing writes a remote store's mirror but this snapshot's reads
+            return contextlib.nullcontext()
         return self.lock() if os.access(self.root, os.W_OK) else contextlib.nullcontext()
 
     def _ensure_writable(self) -> None:
+        if self._remote is not None:
+            raise BadInputError(
+                f"the store at {self.uri} is read-only through fintensor; write to a local store and upload its "
+                "committed files (`fintensor cache files` lists them) or sync the folder")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".probe-{uuid.uuid4().hex}"
@@ -485,6 +526,7 @@ class Store:
         for p in parts:
             path = pdir / p["file"]
             try:
+                self._part_file(pdir, p)  # a remote store's part: fetched and verified into the mirror
                 if verify:
                     data = path.read_bytes()
                     size, source = len(data), pa.BufferReader(data)
@@ -556,7 +598,7 @@ class Store:
         if man is None:
             raise MissingDataError(
                 f"no {interval} bars for {sym}{'' if adjust is None else f' ({adjust}-adjusted)'} in the store at "
-                f"{self.root}; get them with "
+                f"{self.uri}; get them with "
                 f"`fintensor download {sym} --interval {interval}` or `fintensor import FILE`")
         if lo is not None or hi is not None:
             d = table.column("date")
@@ -607,7 +649,7 @@ class Store:
             days = [d for d in days if (lo is None or d >= lo.isoformat()) and (hi is None or d <= hi.isoformat())]
             if not days:
                 raise MissingDataError(
-                    f"no ticks for {s} between {start} and {end} in the store at {self.root}; "
+                    f"no ticks for {s} between {start} and {end} in the store at {self.uri}; "
                     f"import them with `fintensor import FILE --ticks`")
             for d in days:
                 man, t = self._read_committed(base / f"date={d}", "ticks", lambda m: m["parts"], need, verify)
@@ -672,7 +714,7 @@ class Store:
             if m is not None:
                 out.append(m)
         if not out:
-            raise MissingDataError(f"{sym} is not in the store at {self.root}; see `fintensor cache list`")
+            raise MissingDataError(f"{sym} is not in the store at {self.uri}; see `fintensor cache list`")
         return out
 
     def coverage(self, symbol: str, interval: str = "1d", *, adjust: str | None = None) -> tuple[str, str] | None:
@@ -808,7 +850,8 @@ class Store:
               adjust: str | None = None) -> list[Path]:
         """The committed part files of ``symbols`` (all stored ones when None) at ``interval`` ('tick' for
         ticks), from their manifests: what an engine (DuckDB, Polars, Spark, Ray) should read instead of
-        globbing a partition folder, which may hold leftovers or parts being superseded.
+        globbing a partition folder, which may hold leftovers or parts being superseded. For a remote store
+        (``Store(uri)``) they are files of the local mirror, fetched and verified by this call.
 
         ``adjust``: the bars in that adjustment. None: each symbol's only one; a symbol stored in several
         adjustments is refused (its rows would be read twice) with the option that picks one."""
@@ -818,22 +861,29 @@ class Store:
             wanted = None
         else:
             wanted = {_symbols.normalize(s) for s in ([symbols] if isinstance(symbols, str) else symbols)}
-        out, found, seen = [], set(), set()
-        for pdir, _ in self._manifests():
-            m = self._load_manifest(pdir)
-            if m is None or (m["kind"] == "ticks") != ticks or (iv is not None and m["interval"] != iv):
-                continue
-            if not ticks and adjust is not None and m["adjustment"] != adjust:
-                continue
-            if wanted is None or m["symbol"] in wanted:
-                if not ticks and (m["symbol"], m["interval"]) in seen and adjust is None:
-                    raise BadInputError(_ambiguous(m["symbol"], interval, self.adjustments(m["symbol"], iv)))
-                seen.add((m["symbol"], m["interval"]))
-                out.extend(pdir / p["file"] for p in m["parts"])
-                found.add(m["symbol"])
+        def collect():
+            out, found, seen = [], set(), set()
+            for pdir, _ in self._manifests():
+                m = self._load_manifest(pdir)
+                if m is None or (m["kind"] == "ticks") != ticks or (iv is not None and m["interval"] != iv):
+                    continue
+                if not ticks and adjust is not None and m["adjustment"] != adjust:
+                    continue
+                if wanted is None or m["symbol"] in wanted:
+                    if not ticks and (m["symbol"], m["interval"]) in seen and adjust is None:
+                        raise BadInputError(_ambiguous(m["symbol"], interval, self.adjustments(m["symbol"], iv)))
+                    seen.add((m["symbol"], m["interval"]))
+                    try:  # remote: fetched and verified; a part gone with a newer remote snapshot: list that
+                        out.extend(self._part_file(pdir, p) for p in m["parts"])
+                    except FileNotFoundError as exc:
+                        raise _Vanished(exc) from None
+                    found.add(m["symbol"])
+            return out, found
+
+        out, found = _lock_free(collect, self.uri)
         missing = sorted((wanted or set()) - found)
         if missing:
-            raise MissingDataError(f"{', '.join(missing)}: nothing stored at interval {interval} in {self.root}; "
+            raise MissingDataError(f"{', '.join(missing)}: nothing stored at interval {interval} in {self.uri}; "
                                    "see `fintensor cache list`")
         return out
 

@@ -165,6 +165,13 @@ def _check_parts(store: Store, pdir: Path, man: dict) -> list[Problem]:
     for p in man["parts"]:
         path = pdir / p["file"]
         try:
+            store._part_file(pdir, p)  # a remote store's part: fetched and verified into its mirror
+        except StoreCorruptError as exc:
+            out.append(Problem(str(path), str(exc).split(": ", 1)[-1].split("; it was not read")[0]))
+            continue
+        except FileNotFoundError:
+            pass
+        try:
             data = path.read_bytes()
         except FileNotFoundError:
             if _manifest_changed(store, pdir, man):

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("calendars",),
     ("tensor",),
     ("ondisk",),
-    ("store_rows", "store_checks", "store_verify"),
+    ("store_rows", "store_checks", "store_verify", "store_remote"),
     ("store",),
     ("sources", "sources."),
     ("builder", "recipes"),
