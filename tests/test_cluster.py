@@ -316,3 +316,11 @@ def test_ray_data_reads_exactly_the_committed_rows_through_files(ray_cluster, sh
     np.testing.assert_array_equal(got.close.to_numpy(), want.close.to_numpy())
     globbed = ray_cluster.data.read_parquet(str(store.partition_dir("MSFT"))).count()
     assert globbed == 2 * msft  # the folder alone: MSFT's rows twice, which is why files() exists
+
+
+def test_ray_build_from_a_store_uri_equals_the_local_build(ray_cluster, market_store):
+    """Workers get the URI (not the driver's mirror path) and each mirrors, verified, what its block reads."""
+    m, store = market_store
+    args = build_args(m, store, cache=False)
+    remote = {**args, "store": store.root.resolve().as_uri()}  # file:///...: read through pyarrow's file system
+    assert_identical(ft.build(**args), cluster.build(**remote, block_size=5), ignore=("store",))
