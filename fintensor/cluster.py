@@ -161,9 +161,11 @@ def _symbol_text(syms: Sequence[str]) -> str:
 
 
 def _run_blocks(ray, blocks: list[list[str]], make_args: Callable[[list[str]], tuple], *, retries: int,
-                progress: bool | None, what: str) -> list[dict]:
+                progress: bool | None, what: str, in_order: Callable[[dict], None] | None = None) -> list[dict]:
     """Submit one task per block (retried by Ray up to ``retries`` times when its worker dies), collect
-    results in block order; a block that still fails cancels the rest and raises ClusterError."""
+    results in block order; a block that still fails cancels the rest and raises ClusterError.
+    ``in_order``: called with each result in block order as soon as its predecessors are done, and the
+    result then dropped (the driver holds only blocks that finished ahead of their turn)."""
     # a dead worker (killed, out of memory, node lost) or an I/O error is retried; a bug or bad data is not
     task = ray.remote(_run_block).options(max_retries=retries, retry_exceptions=[OSError])
     fault = os.environ.get(FAULT_ENV) or None
@@ -172,6 +174,7 @@ def _run_blocks(ray, blocks: list[list[str]], make_args: Callable[[list[str]], t
     results: list[dict | None] = [None] * len(refs)
     bar = _progress(progress, len(refs), what)
     pending = list(refs)
+    handed = 0
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -189,6 +192,10 @@ def _run_blocks(ray, blocks: list[list[str]], make_args: Callable[[list[str]], t
                     f"block {i + 1}/{len(blocks)} of the Ray build ({_symbol_text(blocks[i])}) failed{tries}: "
                     f"{type(cause).__name__}: {text[0] if text else ''}; nothing was cached: fix the cause "
                     "(or build those symbols alone to see it) and rerun") from None
+            while in_order is not None and handed < len(results) and results[handed] is not None:
+                in_order(results[handed])
+                results[handed] = {}  # handed over: free it
+                handed += 1
             if bar is not None:
                 bar.advance(bar.task_ids[0])
     finally:
@@ -308,8 +315,13 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
 # -------------------------------------------------------------------------------- features
 def features(source: StockTensor | Mapping[str, Any], spec: str | Iterable | Mapping = "alpha158", *,
              min_periods: int | None = None, dtype=None, address: str | None = None, num_cpus: int | None = None,
-             block_size: int | None = None, retries: int = 3, progress: bool | None = None) -> StockTensor:
+             block_size: int | None = None, retries: int = 3, progress: bool | None = None,
+             out: str | os.PathLike | None = None) -> StockTensor:
     """``ft.features.compute`` on a Ray cluster, bit for bit the single-process result.
+
+    ``out=PATH``: the blocks are written, in stock order as they arrive, into an on-disk panel
+    (``fintensor.ondisk``; the same files ``compute(out=PATH)`` writes) and the map is returned, so the
+    whole feature panel never sits in the driver's memory.
 
     ``source``: a (time, stock, feature) StockTensor (its stock blocks are shipped to the tasks), or the
     keyword arguments of ``ft.build`` ({"symbols": [...], "start": ..., "end": ..., "fields": [...],
@@ -351,14 +363,55 @@ def features(source: StockTensor | Mapping[str, Any], spec: str | Iterable | Map
     else:
         raise BadInputError(f"features(source=...) takes a (time, stock, feature) StockTensor or a dict of "
                             f"ft.build's arguments, got {type(source).__name__}")
+    if out is not None:
+        from .fileio import check_output_path
+
+        check_output_path(out, "feature panel") if not Path(out).is_dir() else None
     ray = connect(address, num_cpus=num_cpus)
     blocks = plan_blocks(syms, n_time, width, block_size=block_size, workers=_cluster_cpus(ray), itemsize=itemsize)
-    results = _run_blocks(ray, blocks, make_args, retries=retries, progress=progress,
-                          what=f"features of {len(syms)} stocks on Ray")
+    what = f"features of {len(syms)} stocks on Ray"
+    if out is not None:
+        return _features_to_disk(ray, blocks, make_args, Path(out), syms, fingerprint, retries, progress, what)
+    results = _run_blocks(ray, blocks, make_args, retries=retries, progress=progress, what=what)
     result = _assemble(results, blocks, _merge_meta(results, blocks, fingerprint))
     if isinstance(source, StockTensor) and source.device.type != "cpu":
         result = result.to(source.device)
     return result
+
+
+def _features_to_disk(ray, blocks, make_args, out: Path, syms: list[str], fingerprint, retries, progress,
+                      what: str) -> StockTensor:
+    """Blocks appended to an ondisk.PanelWriter in stock order; committed (atomically) only when all are in."""
+    import json
+
+    from . import ondisk
+
+    state: dict[str, Any] = {"metas": []}
+
+    def write(result: dict) -> None:
+        if "writer" not in state:
+            c = result["coords"]
+            state["writer"] = ondisk.PanelWriter(out, c["time"], np.array(syms), c["feature"],
+                                                 result["values"].dtype)
+        state["writer"].write(result["values"].transpose(1, 0, 2), result["mask"].transpose(1, 0, 2))
+        state["metas"].append({"meta": result["meta"]})
+
+    def jsonable(v) -> bool:
+        try:
+            json.dumps(v)
+            return True
+        except (TypeError, ValueError):
+            return False
+
+    try:
+        _run_blocks(ray, blocks, make_args, retries=retries, progress=progress, what=what, in_order=write)
+        writer = state["writer"]
+        writer.meta = {k: v for k, v in _merge_meta(state["metas"], blocks, fingerprint).items() if jsonable(v)}
+        writer.commit()
+    finally:
+        if "writer" in state:
+            state["writer"].__exit__(None)
+    return ondisk.load(out, verify=False)
 
 
 # ------------------------------------------------------------------------------------ training

@@ -317,13 +317,11 @@ def compute(data, spec: str | Iterable | Mapping = "alpha158", *, min_periods: i
 
     ``engine="ray"``: blocks of stocks as Ray tasks (``fintensor.cluster.features``; ``data`` may also be
     ``ft.build``'s arguments as a dict, so each task builds its own block), ``engine_options`` as in
-    ``ft.build``; bit for bit the single-process result.
+    ``ft.build``; bit for bit the single-process result, in memory or (``out=``) in the on-disk panel.
     """
-    if engine is not None:
-        if out is not None:
-            raise BadInputError("out= (the on-disk panel) is computed in this process; drop engine= or out=")
+    if engine is not None:  # out=: the engine's blocks are appended to the panel (memory= sizes local blocks)
         module, options = builder.engine_module(engine, engine_options)
-        return module.features(data, spec, min_periods=min_periods, dtype=dtype, **options)
+        return module.features(data, spec, min_periods=min_periods, dtype=dtype, out=out, **options)
     if engine_options is not None:
         raise BadInputError("engine_options go with engine= (e.g. engine='ray')")
     if min_periods is not None and (isinstance(min_periods, bool) or not isinstance(min_periods, (int, np.integer))

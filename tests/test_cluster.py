@@ -190,7 +190,7 @@ def test_bad_input_is_refused_before_any_task_runs(market_store, monkeypatch, op
     (lambda a: ft.build(**a, engine="ray", engine_options={"workers": 2}), "takes engine_options address"),
     (lambda a: ft.build(**a, engine_options={"address": "auto"}), "go with engine="),
     (lambda a: ft.build(**a, engine="ray", engine_options=["auto"]), "must be a dict"),
-    (lambda a: ft.features.compute(a, "alpha158", engine="ray", out="x"), "drop engine= or out="),
+    (lambda a: ft.features.compute(a, "alpha158", engine="ray", out="/dev/null"), "feature panel"),
     (lambda a: ft.build(**a, engine="ray", interval="1m"), "daily, weekly or monthly")])
 def test_bad_engine_arguments_are_refused_before_any_task_runs(market_store, monkeypatch, call, message):
     m, store = market_store
@@ -324,3 +324,26 @@ def test_ray_build_from_a_store_uri_equals_the_local_build(ray_cluster, market_s
     args = build_args(m, store, cache=False)
     remote = {**args, "store": store.root.resolve().as_uri()}  # file:///...: read through pyarrow's file system
     assert_identical(ft.build(**args), cluster.build(**remote, block_size=5), ignore=("store",))
+
+
+def test_ray_features_into_the_on_disk_panel_equal_compute_out(ray_cluster, market_store, tmp_path):
+    """engine="ray" with out=: blocks appended in stock order to the same panel files compute(out=) writes."""
+    from fintensor import ondisk
+
+    m, store = market_store
+    panel = ft.build(**build_args(m, store, cache=False))
+    want = ft.features.compute(panel, "alpha158", out=tmp_path / "one", memory="8MB")
+    got = ft.features.compute(build_args(m, store), "alpha158", out=tmp_path / "ray", engine="ray",
+                              engine_options={"block_size": 3})
+    assert_identical(want, got, ignore=("panel",))  # meta["panel"]: each map's own path
+    a, b = ondisk.read_manifest(tmp_path / "one"), ondisk.read_manifest(tmp_path / "ray")
+    assert a["files"] == b["files"]  # the same bytes on disk (sha256 of values and mask)
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("one", "ray")]  # no temp directory left
+
+
+def test_a_failed_block_leaves_no_on_disk_panel(ray_cluster, market_store, tmp_path, monkeypatch):
+    m, store = market_store
+    monkeypatch.setenv(cluster.FAULT_ENV, f"raise:{tmp_path / 'unused'}:{m.symbols[9]}")
+    with pytest.raises(cluster.ClusterError, match="injected failure"):
+        cluster.features(build_args(m, store), ["MA5"], out=tmp_path / "panel", block_size=4, retries=0)
+    assert list(tmp_path.iterdir()) == []  # neither the panel nor its temp directory
