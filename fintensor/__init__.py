@@ -25,6 +25,7 @@ _API = {
     "load": "tensor:load",
     "build": "builder:build",
     "build_ticks": "builder:build_ticks",
+    "build_days": "builder:build_days",
     "rolling": "rolling:",
     "features": "features:",
     "data": "data:",
@@ -46,7 +47,7 @@ __all__ = sorted(_API)
 
 if TYPE_CHECKING:  # what IDEs and type checkers see: the real objects and signatures (loaded lazily at run time)
     from . import calendars, cluster, data, errors, features, metrics, models, rolling, symbols
-    from .builder import BuildWarning, build, build_ticks
+    from .builder import BuildWarning, build, build_days, build_ticks
     from .config import TrainConfig
     from .errors import BadInputError, FintensorError
     from .metrics import evaluate

@@ -15,7 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -685,6 +685,111 @@ def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
     return _cached(store, request, cache,
                    lambda: _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, tdtype,
                                         fingerprint, adjusts))
+
+
+def build_days(symbols: str | Iterable[str], start, end, days_per_block: int = 1, freq: str = "3s",
+               fields: str | Sequence[str] = ("price", "volume"), store: Store | str | os.PathLike | None = None,
+               calendar: str | None = None, interval: str | None = None, dtype: torch.dtype = torch.float32,
+               adjust: str | None = None) -> Iterator[StockTensor]:
+    """``build_ticks`` over [start, end] as (day, tick, stock, feature) blocks of ``days_per_block`` sessions,
+    made one at a time: memory holds one block whatever the range (a month of the whole market's minutes).
+
+    Every check build_ticks makes over the whole range is made before this returns, so bad input never
+    fails half-way. Concatenated along "day", the blocks equal ``build_ticks`` of the range bit for bit
+    (values, mask, coords): every block has the range's longest tick axis (slots after an early close NaN,
+    mask False) and a stock without records in a block is untraded there (flows 0, prices NaN). meta
+    differs only in ``slots_per_day`` and ``dropped_records`` (the block's own: the blocks' counts add up to
+    the range's) and ``block`` ([index, count]). Blocks are not cached: caching a range larger than memory
+    would only write it to disk again. A tick store with no ticks at all in some block is refused up front.
+    """
+    per = checks.positive_int("days_per_block", days_per_block)
+    p = _tick_plan(symbols, start, end, freq, fields, store, calendar, interval, dtype, adjust)
+    return _day_blocks(p, per)
+
+
+@dataclass
+class _TickPlan:
+    """What build_ticks decides before reading any record, for the whole range."""
+    store: Store
+    syms: list[str]
+    fields: list[str]
+    freq_s: int
+    tdtype: torch.dtype
+    cal: str
+    days: np.ndarray
+    segs: np.ndarray
+    n_slots: np.ndarray
+    source: str
+    adjusts: dict[str, str] | None
+    fingerprint: Any
+    sources: list[str]
+    tick_days: dict[str, set[str]] | None
+
+
+def _tick_plan(symbols, start, end, freq, fields, store, calendar, interval, dtype, adjust) -> _TickPlan:
+    """build_ticks' checks, in its order and with its messages, kept for build_days to build blocks from."""
+    syms = _symbol_list(symbols)
+    fields = _field_list(fields, TICK_FIELDS)
+    if adjust is not None and adjust not in ADJUSTMENTS:
+        raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(ADJUSTMENTS)}")
+    freq_s = _freq_seconds(freq)
+    tdtype = _torch_dtype(dtype)
+    lo, hi = _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
+    cal, own = _calendar_for(syms, calendar, allow_union=False)
+    days = _sessions(cal, own, lo, hi)
+    segs = _calendars.segments(cal, days)
+    store = _as_store(store)
+    source = _tick_source(store, syms, days, interval, freq_s)
+    n_slots = _check_freq(segs, freq_s, freq, cal, partial_last=source != "tick")
+    adjusts = None if source == "tick" else {s: _slot_adjustment(store, s, source, adjust) for s in syms}
+    if adjust not in (None, "as_stored"):
+        stored = {"raw"} if source == "tick" else set(adjusts.values())
+        if stored and adjust not in stored:
+            raise BadInputError(f"the {source} {'records' if source == 'tick' else 'bars'} are stored "
+                                f"{'/'.join(sorted(stored))}-adjusted and intraday slots use them as stored: pass "
+                                f"adjust={sorted(stored)[0]!r} (CLI: --adjust {sorted(stored)[0]}) or "
+                                "adjust='as_stored' (CLI: --adjust as_stored)")
+    fingerprint = (store.tick_fingerprint(syms, days[0], days[-1]) if source == "tick"
+                   else store.fingerprint(syms, source, adjust=adjusts))
+    sources = sorted({_source_name(store, s, source, None if adjusts is None else adjusts[s]) for s in syms})
+    tick_days = None
+    if source == "tick":   # read_ticks refuses a symbol with no ticks in a block: know which have them
+        tick_days = {s: {q.name[5:] for q in store.partition_dir(s, kind="ticks").glob("date=*")} for s in syms}
+        for i in range(len(days)):
+            if not any(str(days[i]) in d for d in tick_days.values()):
+                raise MissingDataError(f"the store at {store.root} has no ticks of any of the symbols on "
+                                       f"{days[i]}; build the days before and after it separately")
+    return _TickPlan(store, syms, fields, freq_s, tdtype, cal, days, segs, n_slots, source, adjusts, fingerprint,
+                     sources, tick_days)
+
+
+def _day_blocks(p: _TickPlan, per: int) -> Iterator[StockTensor]:
+    K, N = int(p.n_slots.max()), len(p.syms)
+    count = -(-len(p.days) // per)
+    for b in range(count):
+        sl = slice(b * per, (b + 1) * per)
+        days, n_slots = p.days[sl], p.n_slots[sl]
+        syms = p.syms if p.tick_days is None else \
+            [s for s in p.syms if any(str(d) in p.tick_days[s] for d in days)]
+        t = _build_slots(p.store, syms, days, p.segs[sl], n_slots, p.freq_s, p.fields, p.cal, p.source, p.tdtype,
+                         p.fingerprint, p.adjusts)
+        values, mask, meta = t.values, t.mask, t.meta
+        if len(syms) < N or t.shape[1] < K:   # widen to the range's slots and stocks, as the one-shot build has
+            F, k = len(p.fields), t.shape[1]
+            cols = [p.syms.index(s) for s in syms]
+            full = np.full((len(days), K, N, F), np.nan, dtype=t.values.numpy().dtype)
+            session = np.arange(K)[None, :] < n_slots[:, None]            # (days, K): slot open that day
+            for f, name in enumerate(p.fields):
+                if name in ("volume", "amount", "trades"):              # untraded stocks: flows 0 while open
+                    full[..., f][session] = 0.0
+            full[:, :k, cols] = t.values.numpy()
+            held = np.zeros(full.shape, dtype=bool)
+            held[:, :k, cols] = t.mask.numpy()
+            values, mask = torch.from_numpy(full), torch.from_numpy(held)
+        meta = dict(meta, source=p.sources[0] if len(p.sources) == 1 else p.sources, block=[b, count])
+        yield StockTensor(values, t.dims, {"day": days, "tick": (np.arange(K) * p.freq_s).astype("timedelta64[s]"),
+                                           "stock": np.array(p.syms), "feature": t.coords["feature"]}, mask, meta)
+        del t, values, mask   # nothing of this block is held while the next one is built
 
 
 def _freq_seconds(freq) -> int:

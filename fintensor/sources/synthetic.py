@@ -523,3 +523,144 @@ def _day_ticks(rng, mkt: SyntheticMarket, d: int, starts: np.ndarray, ends: np.n
     p = price[rows, cols]
     return {"symbol": stocks[rows], "time": times[rows, cols], "price": p, "volume": volume,  # symbol: codes
             "amount": p * volume, "side": side[rows, cols]}
+
+
+# ------------------------------------------------------------------------------------ minute bars
+#: Stocks generated together (one seeded random stream per block): the same bars whatever the batch.
+MINUTE_BLOCK = 256
+MINUTE_FIELDS = ("open", "high", "low", "close", "volume", "amount")
+
+
+class SyntheticMinuteBars:
+    """1-minute OHLCV bars of a SyntheticMarket over some of its sessions, generated block by block.
+
+    Nothing is held: ``blocks()`` makes ``MINUTE_BLOCK`` stocks at a time (a month of 256 stocks is ~100 MB),
+    so a whole-market month is written in bounded memory. Make one with ``minute_bars()``.
+    """
+
+    def __init__(self, market: SyntheticMarket, day_idx: np.ndarray, seed: int):
+        self.market, self.day_idx, self.seed = market, day_idx, seed
+        self.dates = market.dates[day_idx]
+        segs = calendars.segments(market.calendar, self.dates)                  # (D, S, 2) UTC ns
+        starts = [np.concatenate([np.arange(a, b, 60 * 10**9) for a, b in day]) for day in segs]
+        self.slots_per_day = np.array([len(s) for s in starts])
+        M = int(self.slots_per_day.max())
+        # bar start instants (D, M); -1 after an early close (those minutes hold no bar)
+        self.times = np.full((len(day_idx), M), -1, dtype=np.int64)
+        for k, s in enumerate(starts):
+            self.times[k, :len(s)] = s
+
+    def __repr__(self) -> str:
+        return (f"SyntheticMinuteBars({len(self.market.symbols)} stocks x {len(self.dates)} {self.market.calendar} "
+                f"sessions {self.dates[0]}..{self.dates[-1]}, {self.rows:,} rows, seed={self.seed})")
+
+    @property
+    def rows(self) -> int:
+        """Bars in all: every traded (stock, session) has one per minute of the session."""
+        traded = self.market.status[self.day_idx] == 1                          # (D, N)
+        return int((traded * self.slots_per_day[:, None]).sum())
+
+    def blocks(self, symbols: Sequence[str] | None = None):
+        """Yield ``(symbol, pa.Table)`` per stock with bars (time UTC, date, OHLCV, amount), in symbol order."""
+        mkt = self.market
+        wanted = None if symbols is None else {_symbols.normalize(s) for s in symbols}
+        dates = pa.array(self.dates.astype(np.int32)).cast(pa.date32())
+        for b0 in range(0, len(mkt.symbols), MINUTE_BLOCK):
+            idx = np.arange(b0, min(b0 + MINUTE_BLOCK, len(mkt.symbols)))
+            if wanted is not None and not wanted & {mkt.symbols[i] for i in idx}:
+                continue
+            bars = self._block(idx)
+            for j, i in enumerate(idx):
+                sym = mkt.symbols[i]
+                cells = bars["ok"][j]                                          # (D, M) bar exists
+                if (wanted is not None and sym not in wanted) or not cells.any():
+                    continue
+                day_of = np.broadcast_to(np.arange(len(self.dates))[:, None], cells.shape)[cells]
+                yield sym, pa.table({
+                    "time": pa.array(self.times[cells]).cast(pa.timestamp("ns", tz="UTC")),
+                    "date": dates.take(pa.array(day_of)),
+                    **{f: bars[f][j][cells] for f in MINUTE_FIELDS}})
+
+    def _block(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Bars of stocks ``idx`` as (stocks, days, minutes) arrays; its own random stream, so it is the same
+        whichever other blocks are made."""
+        mkt, d = self.market, self.day_idx
+        rng = np.random.default_rng([self.seed, 11, int(idx[0])])
+        S, (D, M) = len(idx), self.times.shape
+        n = self.slots_per_day[None, :, None]                                  # minutes in each session
+        k = np.arange(M)[None, None, :]
+        traded = (mkt.status[np.ix_(d, idx)].T == 1)[:, :, None]              # (S, D, 1)
+        ok = traded & (k < n)                                                  # (S, D, M) a bar exists
+        day = lambda a: np.where(traded, a[np.ix_(d, idx)].T[:, :, None], 1.0)  # noqa: E731  (S, D, 1)
+        O, C, L, H = day(mkt.open), day(mkt.close), day(mkt.low), day(mkt.high)
+        o, c, lo, hi = np.log(O), np.log(C), np.log(L), np.log(H)
+        # the log price after each minute: a Brownian bridge from the day's open to its close, kept in [low, high]
+        frac = np.minimum((k + 1) / n, 1.0)
+        walk = np.cumsum(rng.standard_normal((S, D, M)), axis=2)
+        last = np.take_along_axis(walk, np.broadcast_to(n - 1, (S, D, 1)), axis=2)
+        scale = 0.5 * np.maximum(hi - lo, 1e-4) / np.sqrt(n)
+        after = np.clip(o + frac * (c - o) + scale * (walk - frac * last), lo, hi)
+        after = np.where(k >= n - 1, c, after)                                 # the last minute closes at the close
+        before = np.concatenate([o, after[:, :, :-1]], axis=2)                 # each minute opens at the last close
+        wick = scale * 0.3 * np.abs(rng.standard_normal((2, S, D, M)))
+        # to prices; clipped and pinned in price space so the daily values are met exactly, not to a rounding
+        opn, close = np.clip(np.exp(before), L, H), np.clip(np.exp(after), L, H)
+        opn[:, :, 0] = O[:, :, 0]                                              # the first minute opens at the open
+        close = np.where(k == n - 1, C, close)                                 # the last closes at the close
+        high = np.maximum(np.clip(np.exp(np.maximum(before, after) + wick[0]), L, H), np.maximum(opn, close))
+        low = np.minimum(np.clip(np.exp(np.minimum(before, after) - wick[1]), L, H), np.minimum(opn, close))
+        # the day's high and low are reached in some minute, so the minutes aggregate to the daily bar
+        np.put_along_axis(high, np.where(ok, high, -np.inf).argmax(2)[:, :, None], H, axis=2)
+        np.put_along_axis(low, np.where(ok, low, np.inf).argmin(2)[:, :, None], L, axis=2)
+        # the day's volume in lots over its minutes: U-shaped profile, multinomial, so the minutes add up to it
+        lots = np.where(traded, day(mkt.volume), 0)[:, :, 0].astype(np.int64) // LOT
+        profile = np.where(ok, (1 + 8 * (frac - 0.5) ** 2) * rng.exponential(1.0, (S, D, M)), 0.0)
+        total = profile.sum(2, keepdims=True)
+        volume = rng.multinomial(lots, np.divide(profile, total, out=np.full_like(profile, 1.0 / M),
+                                                 where=total > 0)) * float(LOT)
+        out = {"ok": ok, "open": opn, "high": high, "low": low, "close": close, "volume": volume}
+        out["amount"] = volume * (out["open"] + out["high"] + out["low"] + out["close"]) / 4
+        return out
+
+    def frame(self, symbols: Sequence[str] | None = None) -> pd.DataFrame:
+        """Long table (symbol, time, date, OHLCV, amount) of ``symbols`` (all by default): for small sizes."""
+        parts = [t.to_pandas().assign(symbol=s) for s, t in self.blocks(symbols)]
+        df = pd.concat(parts, ignore_index=True)
+        return df[["symbol", "time", "date", *MINUTE_FIELDS]]
+
+    def write(self, store, symbols: Sequence[str] | None = None) -> int:
+        """Write every stock's bars (``interval="1m"``, source="synthetic", one commit per symbol under one
+        store lock); returns rows written."""
+        rows = 0
+        with store.lock():
+            for sym, table in self.blocks(symbols):
+                store.write_bars(sym, table, interval="1m", source=SOURCE, adjust="raw",
+                                 timezone=self.market.timezone, units={"volume": "shares", "price_scale": 1})
+                rows += table.num_rows
+        return rows
+
+
+def minute_bars(market: SyntheticMarket, days: int | Sequence = 21, seed: int = 0) -> SyntheticMinuteBars:
+    """1-minute bars of every stock of ``market`` that trades on its first ``days`` sessions (or on the given
+    session dates): one bar per minute of continuous trading (XNYS 390, early closes fewer; XSHG 240, lunch
+    skipped), labelled by its UTC start instant (whole minutes, so the store's microseconds lose nothing).
+
+    They agree with the daily bars: the first minute opens at the day's open, the last closes at its close,
+    the minutes' highest high and lowest low are the day's high and low, and their volumes (whole lots) add
+    up to the day's volume. ``amount`` is volume x the bar's mean OHLC, so it adds up only approximately.
+    Suspended and unlisted days have no bars. The same market, days and seed always give the same bars.
+    """
+    if not isinstance(market, SyntheticMarket):
+        raise BadInputError(f"minute_bars needs a SyntheticMarket (from ft.synthetic.market(...)), got "
+                            f"{type(market).__name__}")
+    if _is_seq(days):
+        wanted = np.unique(np.asarray(days, "datetime64[D]"))
+        missing = np.setdiff1d(wanted, market.dates)
+        if len(missing):
+            raise BadInputError(f"{missing[0]} is not a session of the market ({market.calendar} "
+                                f"{market.dates[0]}..{market.dates[-1]})")
+        day_idx = np.searchsorted(market.dates, wanted)
+    else:
+        day_idx = np.arange(_check("days", days, 1, len(market.dates), integer=True))
+    _check("seed", seed, 0, 2**63 - 1, integer=True)
+    return SyntheticMinuteBars(market, day_idx, int(seed))
