@@ -654,37 +654,14 @@ def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
     bars: the last is 15:30-16:00, as vendors serve it). ``adjust``: as in ``build``; slots always hold
     prices as stored (ticks are raw), so None/'as_stored' or the stored adjustment are accepted.
     """
-    syms = _symbol_list(symbols)
-    fields = _field_list(fields, TICK_FIELDS)
     checks.boolean("cache", cache)
-    if adjust is not None and adjust not in ADJUSTMENTS:
-        raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(ADJUSTMENTS)}")
-    freq_s = _freq_seconds(freq)
-    tdtype = _torch_dtype(dtype)
-    lo, hi = _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
-    cal, own = _calendar_for(syms, calendar, allow_union=False)
-    days = _sessions(cal, own, lo, hi)
-    segs = _calendars.segments(cal, days)                              # (D, S, 2) UTC ns
-    store = _as_store(store)
-    source = _tick_source(store, syms, days, interval, freq_s)
-    n_slots = _check_freq(segs, freq_s, freq, cal, partial_last=source != "tick")
-    adjusts = None if source == "tick" else {s: _slot_adjustment(store, s, source, adjust) for s in syms}
-    if adjust not in (None, "as_stored"):
-        stored = {"raw"} if source == "tick" else set(adjusts.values())
-        if stored and adjust not in stored:
-            held = "/".join(sorted(stored))
-            raise BadInputError(f"the {source} {'records' if source == 'tick' else 'bars'} are stored "
-                                f"{held}-adjusted and intraday slots use them as stored: pass "
-                                f"adjust={sorted(stored)[0]!r} (CLI: --adjust {sorted(stored)[0]}) or "
-                                "adjust='as_stored' (CLI: --adjust as_stored)")
-    fingerprint = (store.tick_fingerprint(syms, days[0], days[-1]) if source == "tick"
-                   else store.fingerprint(syms, source, adjust=adjusts))
-    request = dict(kind="build_ticks", version=BUILD_VERSION, symbols=syms, start=str(days[0]),
-                   end=str(days[-1]), freq=freq_s, fields=fields, calendar=cal, interval=source,
-                   dtype=_dtype_name(tdtype), fingerprint=fingerprint)
-    return _cached(store, request, cache,
-                   lambda: _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, tdtype,
-                                        fingerprint, adjusts))
+    p = _tick_plan(symbols, start, end, freq, fields, store, calendar, interval, dtype, adjust, blocks=False)
+    request = dict(kind="build_ticks", version=BUILD_VERSION, symbols=p.syms, start=str(p.days[0]),
+                   end=str(p.days[-1]), freq=p.freq_s, fields=p.fields, calendar=p.cal, interval=p.source,
+                   dtype=_dtype_name(p.tdtype), fingerprint=p.fingerprint)
+    return _cached(p.store, request, cache,
+                   lambda: _build_slots(p.store, p.syms, p.days, p.segs, p.n_slots, p.freq_s, p.fields, p.cal,
+                                        p.source, p.tdtype, p.fingerprint, p.adjusts))
 
 
 def build_days(symbols: str | Iterable[str], start, end, days_per_block: int = 1, freq: str = "3s",
@@ -726,8 +703,10 @@ class _TickPlan:
     tick_days: dict[str, set[str]] | None
 
 
-def _tick_plan(symbols, start, end, freq, fields, store, calendar, interval, dtype, adjust) -> _TickPlan:
-    """build_ticks' checks, in its order and with its messages, kept for build_days to build blocks from."""
+def _tick_plan(symbols, start, end, freq, fields, store, calendar, interval, dtype, adjust,
+               blocks: bool = True) -> _TickPlan:
+    """build_ticks' checks and resolved arguments (build_ticks and build_days share them); ``blocks`` adds
+    what day blocks need: each symbol's source name and, for ticks, which days hold any."""
     syms = _symbol_list(symbols)
     fields = _field_list(fields, TICK_FIELDS)
     if adjust is not None and adjust not in ADJUSTMENTS:
@@ -751,9 +730,10 @@ def _tick_plan(symbols, start, end, freq, fields, store, calendar, interval, dty
                                 "adjust='as_stored' (CLI: --adjust as_stored)")
     fingerprint = (store.tick_fingerprint(syms, days[0], days[-1]) if source == "tick"
                    else store.fingerprint(syms, source, adjust=adjusts))
-    sources = sorted({_source_name(store, s, source, None if adjusts is None else adjusts[s]) for s in syms})
-    tick_days = None
-    if source == "tick":   # read_ticks refuses a symbol with no ticks in a block: know which have them
+    sources, tick_days = [], None
+    if blocks:
+        sources = sorted({_source_name(store, s, source, None if adjusts is None else adjusts[s]) for s in syms})
+    if blocks and source == "tick":   # read_ticks refuses a symbol with no ticks in a block: know which have them
         tick_days = {s: {q.name[5:] for q in store.partition_dir(s, kind="ticks").glob("date=*")} for s in syms}
         for i in range(len(days)):
             if not any(str(days[i]) in d for d in tick_days.values()):
