@@ -23,7 +23,6 @@ deliberate differences:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -418,7 +417,7 @@ def _compute_to_disk(data, spec, min_periods, dtype, path: Path, memory: int) ->
     T, N = data.shape[data.dims.index("time")], data.shape[data.dims.index("stock")]
     out_dtype = _numpy_dtype(dtype or data.values.dtype)
     step = block_stocks(T, len(wanted), memory, np.dtype(out_dtype).itemsize)
-    meta = {**{k: v for k, v in data.meta.items() if _jsonable(v)}, **_feature_meta(spec, min_periods)}
+    meta = {**ondisk.json_meta(data.meta), **_feature_meta(spec, min_periods)}
     with ondisk.PanelWriter(path, data.coords["time"], data.coords["stock"], np.array(wanted), out_dtype,
                             meta) as writer:
         for a in range(0, N, step):
@@ -428,14 +427,6 @@ def _compute_to_disk(data, spec, min_periods, dtype, path: Path, memory: int) ->
             del values, mask
         writer.commit()
     return ondisk.load(path, verify=False)
-
-
-def _jsonable(v) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def parse_bytes(value: int | str, what: str) -> int:

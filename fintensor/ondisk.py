@@ -148,6 +148,18 @@ class PanelWriter:
             self.abort()
 
 
+def json_meta(meta: Mapping[str, Any]) -> dict:
+    """The entries of ``meta`` a panel manifest can hold (JSON values); the others are not kept."""
+    def jsonable(v) -> bool:
+        try:
+            json.dumps(v)
+            return True
+        except (TypeError, ValueError):
+            return False
+
+    return {k: v for k, v in meta.items() if jsonable(v)}
+
+
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
