@@ -281,7 +281,8 @@ def engine_module(name: str, options: Mapping[str, Any] | None) -> tuple[Any, di
     (the module's ``ENGINE_OPTIONS`` name the ones it takes)."""
     checks.choice("engine", name, tuple(ENGINES))
     if options is not None and not isinstance(options, Mapping):
-        raise BadInputError(f"engine_options must be a dict such as {{'address': 'auto'}}, got {type(options).__name__}")
+        raise BadInputError("engine_options must be a dict such as {'address': 'auto'}, got "
+                            f"{type(options).__name__}")
     module = importlib.import_module(ENGINES[name])
     unknown = sorted(set(options or {}) - set(module.ENGINE_OPTIONS))
     if unknown:
@@ -321,21 +322,28 @@ def build(symbols: str | Iterable[str], start, end, fields: str | Sequence[str] 
     if engine_options is not None:
         raise BadInputError("engine_options go with engine= (e.g. engine='ray')")
     if interval_kind(parse_interval(interval)) == "intraday":
-        syms = _symbol_list(symbols)
-        if adjust not in ADJUSTMENTS:
-            raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(ADJUSTMENTS)}")
-        checks.choice("label", label, LABELS)
-        if _parse_fill(fill) is not None:
+        syms, interval, fill_spec, tdtype, lo, hi = _bar_args(symbols, interval, adjust, label, fill, dtype, start, end)
+        if fill_spec is not None:
             raise BadInputError("fill applies to daily builds; intraday 'price' is already carried within "
                                 "each day (use fields=['price', ...])")
-        tdtype = _torch_dtype(dtype)
-        lo, hi = _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
-        return _build_intraday(syms, lo, hi, fields, parse_interval(interval), store, calendar, adjust, tdtype,
-                               cache)
+        return _build_intraday(syms, lo, hi, fields, interval, store, calendar, adjust, tdtype, cache)
     plan = plan_build(symbols, start, end, fields, interval, store, calendar, adjust, fill, dtype, label)
     tensor = _cached(plan.store, plan.request, cache, plan.make)
     _warn_unkept(tensor, plan.syms, *plan.row_range)
     return tensor
+
+
+def _bar_args(symbols, interval, adjust, label, fill, dtype, start, end) -> tuple:
+    """``build``'s arguments checked in one order for every interval: (symbols, interval, fill spec, torch
+    dtype, start date, end date)."""
+    syms = _symbol_list(symbols)
+    interval = parse_interval(interval)
+    if adjust not in ADJUSTMENTS:
+        raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(ADJUSTMENTS)}")
+    checks.choice("label", label, LABELS)
+    fill_spec = _parse_fill(fill)
+    tdtype = _torch_dtype(dtype)
+    return syms, interval, fill_spec, tdtype, _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
 
 
 @dataclass
@@ -358,16 +366,9 @@ def plan_build(symbols, start, end, fields, interval: str = "1d", store=None, ca
                adjust: str = "full", fill=None, dtype=torch.float32, label: str = "start") -> BuildPlan:
     """Check ``ft.build``'s arguments for daily/weekly/monthly bars against the store and resolve them
     (symbols, stored adjustments, calendar, axis, cache key); reads manifests only."""
-    syms = _symbol_list(symbols)
-    interval = parse_interval(interval)
+    syms, interval, fill_spec, tdtype, lo, hi = _bar_args(symbols, interval, adjust, label, fill, dtype, start, end)
     if interval_kind(interval) == "intraday":
         raise BadInputError(f"plan_build plans bar builds of 1d/1wk/1mo, not {interval!r}")
-    if adjust not in ADJUSTMENTS:
-        raise BadInputError(f"adjust={adjust!r} is not one of {', '.join(ADJUSTMENTS)}")
-    checks.choice("label", label, LABELS)
-    fill_spec = _parse_fill(fill)
-    tdtype = _torch_dtype(dtype)
-    lo, hi = _calendars.parse_date(start, "start"), _calendars.parse_date(end, "end")
     fields = _field_list(fields, DAILY_FIELDS)
     store = _as_store(store)
     chosen = {s: stored_adjustment(store, s, interval, adjust) for s in syms}

@@ -58,8 +58,8 @@ def _ray():
     try:
         import ray
     except ImportError as exc:
-        raise BadInputError(f"fintensor.cluster (and --ray) needs Ray, which is not installed here ({exc}); install it with "
-                            f"{INSTALL_HINT}, or leave engine unset to build in this process") from None
+        raise BadInputError(f"fintensor.cluster (and --ray) needs Ray, which is not installed here ({exc}); "
+                            f"install it with {INSTALL_HINT}, or leave engine unset to build in this process") from None
     return ray
 
 
@@ -83,8 +83,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None):
         except (ConnectionError, ValueError, RuntimeError) as exc:  # no cluster there, or a malformed address
             raise ClusterError(f"cannot join a Ray cluster at {address!r} ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); start one with "
-                               "`ray start --head` (then address='auto', CLI --ray auto), or give no address for a local "
-                               "cluster") from None
+                               "`ray start --head` (then address='auto', CLI --ray auto), or give no address for "
+                               "a local cluster") from None
     return ray
 
 
@@ -382,8 +382,6 @@ def features(source: StockTensor | Mapping[str, Any], spec: str | Iterable | Map
 def _features_to_disk(ray, blocks, make_args, out: Path, syms: list[str], fingerprint, retries, progress,
                       what: str) -> StockTensor:
     """Blocks appended to an ondisk.PanelWriter in stock order; committed (atomically) only when all are in."""
-    import json
-
     from . import ondisk
 
     state: dict[str, Any] = {"metas": []}
@@ -396,17 +394,10 @@ def _features_to_disk(ray, blocks, make_args, out: Path, syms: list[str], finger
         state["writer"].write(result["values"].transpose(1, 0, 2), result["mask"].transpose(1, 0, 2))
         state["metas"].append({"meta": result["meta"]})
 
-    def jsonable(v) -> bool:
-        try:
-            json.dumps(v)
-            return True
-        except (TypeError, ValueError):
-            return False
-
     try:
         _run_blocks(ray, blocks, make_args, retries=retries, progress=progress, what=what, in_order=write)
         writer = state["writer"]
-        writer.meta = {k: v for k, v in _merge_meta(state["metas"], blocks, fingerprint).items() if jsonable(v)}
+        writer.meta = ondisk.json_meta(_merge_meta(state["metas"], blocks, fingerprint))
         writer.commit()
     finally:
         if "writer" in state:
