@@ -10,8 +10,8 @@ Each stage runs in a fresh process and reports its wall time, CPU time (user + s
   synth     ft.synthetic.market(N, T) written to a store (one Store.write_bars per symbol, one lock)
   build     ft.build(all symbols, OHLCV, float32), saved as a tensor file
   alpha158  ft.features.compute(t, "alpha158", out=PANEL, memory=...): the memory-mapped panel
-  gather    random minibatches (800 x 20 x 158) from Windows on the map vs the same panel in RAM
-            (page cache warm; skipped when the panel does not fit in half the RAM)
+  gather    random minibatches (800 x 20 x 158) from Windows on the map vs the same panel in RAM, on one
+            thread and on every core (page cache warm; skipped when the panel does not fit in half the RAM)
   epoch     one ft.train epoch (LSTM 2x64, lookback 20) reading batches from the map
   pandas    the baseline: qlib-style per-stock pandas Alpha158 (tests/pandas_alpha158.py on one stock's
             frames) + pd.concat, on --baseline-stocks stocks (the largest it is run at), per stock vs alpha158
@@ -89,23 +89,25 @@ def stage_gather(a) -> None:
     from fintensor import ondisk
     from fintensor.data import Windows
 
-    torch.set_num_threads(1)
     mapped = ondisk.load(a.work / "alpha158", verify=False)
     labels = _labels(a)
+    windows = {name: Windows(mapped, labels, 20, label_reach=2, in_memory=in_memory)
+               for name, in_memory in (("map", None), ("ram", True))}
+    pos = windows["map"].positions["train"]
+    g = torch.Generator().manual_seed(0)
+    batches = [pos[torch.randint(len(pos), (800,), generator=g)] for _ in range(a.batches)]
     result = {}
-    for name, in_memory in (("map", None), ("ram", True)):
-        w = Windows(mapped, labels, 20, label_reach=2, in_memory=in_memory)
-        pos = w.positions["train"]
-        g = torch.Generator().manual_seed(0)
-        batches = [pos[torch.randint(len(pos), (800,), generator=g)] for _ in range(a.batches)]
-        for b in batches[:10]:
-            w.gather(b)  # page cache warm
-        t0 = time.perf_counter()
-        for b in batches:
-            w.gather(b)
-        result[name] = (time.perf_counter() - t0) / len(batches) * 1000
-        del w
-    _report(map_ms=result["map"], ram_ms=result["ram"], ratio=result["map"] / result["ram"])
+    for threads in sorted({1, os.cpu_count() or 1}):  # one thread, and the default (every core)
+        torch.set_num_threads(threads)
+        for name, w in windows.items():
+            for b in batches[:10]:
+                w.gather(b)  # page cache warm
+            t0 = time.perf_counter()
+            for b in batches:
+                w.gather(b)
+            result[f"{name}_ms_{threads}t"] = (time.perf_counter() - t0) / len(batches) * 1000
+        result[f"ratio_{threads}t"] = result[f"map_ms_{threads}t"] / result[f"ram_ms_{threads}t"]
+    _report(**result)
 
 
 def stage_epoch(a) -> None:
@@ -209,8 +211,10 @@ def main() -> None:
         total_kb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
         if panel_mb * 4 / 5 < total_kb / 2:
             g = _run("gather", a)
-            print(f"gather: map {g['map_ms']:.2f} ms vs RAM {g['ram_ms']:.2f} ms per 800-window batch "
-                  f"({g['ratio']:.2f}x)")
+            for key in sorted(k for k in g if k.startswith("ratio_")):
+                t = key[len("ratio_"):]
+                print(f"gather ({t[:-1]} thread(s)): map {g['map_ms_' + t]:.2f} ms vs RAM {g['ram_ms_' + t]:.2f} ms "
+                      f"per 800-window batch ({g[key]:.2f}x)")
         r["epoch"] = _run("epoch", a)
         base = _run("pandas", a)
         print(f"pandas per-stock Alpha158 + pd.concat: {base['per_stock_ms']:.0f} ms/stock on {base['stocks']} "

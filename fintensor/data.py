@@ -32,12 +32,16 @@ Rules (all without look-ahead):
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from . import ondisk
 from .errors import BadInputError
@@ -301,7 +305,7 @@ class Windows:
                                     "cannot do per batch; normalise the features before writing the panel, or "
                                     "pass in_memory=True to load it into RAM")
             values, observed = mapped
-            row_ok = _mapped_rows_ok(values, observed, missing)
+            self._complete, row_ok = _mapped_rows_ok(values, observed, missing)
             if normaliser is None and feature_norm:
                 if "train" not in self.segments:
                     raise BadInputError("feature_norm needs a 'train' segment to fit on")
@@ -403,17 +407,19 @@ class Windows:
 
     def _gather_mapped(self, starts: torch.Tensor) -> torch.Tensor:
         """Windows read from the map as the in-memory panel holds them: float32, normalised and clipped, 0
-        where unobserved (mask False or not finite), rounded through the panel dtype. One fused pass (the
-        same float32 subtract, divide and clamp as ``Normaliser.apply_``)."""
+        where unobserved (mask False or not finite), rounded through the panel dtype: each window copied
+        whole and normalised in place (the same float32 subtract, divide and clamp as ``Normaliser.apply_``)."""
         F = self.n_features
         if self.normaliser is None:
             center, scale, clip = np.zeros(F, np.float32), np.ones(F, np.float32), np.inf
         else:
             center, scale = self.normaliser.center.numpy(), self.normaliser.scale.numpy()
             clip = np.inf if self.normaliser.clip is None else float(self.normaliser.clip)
+        center, scale = np.tile(center, self.lookback), np.tile(scale, self.lookback)
         x = np.empty((len(starts), self.lookback, F), dtype=np.float32)
-        _gather_normalised(self.panel.numpy().reshape(-1), self._mask_panel.numpy().reshape(-1),
-                           starts.numpy(), center, scale, np.float32(clip), x)
+        args = (self.panel.numpy().reshape(-1), self._mask_panel.numpy().reshape(-1),
+                self._complete.numpy().reshape(-1), center, scale, np.float32(clip), starts.numpy(), x)
+        _in_threads(_gather_normalised, args, 6, torch.get_num_threads())  # as many as the copy policy allows
         out = torch.from_numpy(x)
         return out if self._panel_dtype == torch.float32 else out.to(self._panel_dtype).float()
 
@@ -523,19 +529,90 @@ def _load_panel(features, device: torch.device, missing: str) -> tuple[torch.Ten
     return panel, row_ok
 
 
-@njit(cache=True, nogil=True)
-def _gather_normalised(values, observed, starts, center, scale, clip, out):
+@intrinsic
+def _memcpy(typingctx, dst, src, nbytes):
+    """Copy ``nbytes`` from the data of array ``src`` to that of ``dst`` with LLVM's memcpy (libc's: on a
+    window of kilobytes it runs at about 2.5x the speed of a copy loop, as it skips reading ``dst`` first)."""
+    def codegen(context, builder, signature, args):
+        d = context.make_array(signature.args[0])(context, builder, args[0])
+        s = context.make_array(signature.args[1])(context, builder, args[1])
+        cgutils.raw_memcpy(builder, builder.bitcast(d.data, cgutils.voidptr_t),
+                           builder.bitcast(s.data, cgutils.voidptr_t), args[2], 1)
+        return context.get_dummy_value()
+
+    return types.void(dst, src, nbytes), codegen
+
+
+def _copy(dst, src):
+    """dst[:] = src for 1-D arrays of the same length (compiled below)."""
+
+
+@overload(_copy, jit_options=dict(nogil=True))
+def _copy_overload(dst, src):
+    if dst.dtype == src.dtype:  # the common case: a float32 panel; one memcpy
+        return lambda dst, src: _memcpy(dst, src, np.int64(dst.size * dst.itemsize))
+
+    def convert(dst, src):
+        for i in range(dst.size):
+            dst[i] = src[i]
+    return convert
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _gather_normalised(values, observed, complete, center, scale, clip, starts, out):
     """out[b] = the (lookback, F) rows from flat row ``starts[b]`` of the (stock*time, F) panel, each value
-    (v - center) / scale clipped to +-clip in float32, 0 where unobserved or not finite."""
+    (v - center) / scale clipped to +-clip in float32, 0 where unobserved or not finite. ``center`` and
+    ``scale`` are tiled to lookback * F, so a window is one flat run. Each window is copied whole (one
+    memcpy) and normalised in place while it is in the L1 cache; a window whose rows are all ``complete``
+    (every value observed and finite: every missing="drop" sample) is one branch-free loop that
+    vectorises, and only the rows of other windows that are not complete read the mask."""
     B, L, F = out.shape
+    n = L * F
     for b in range(B):
+        x = out[b].reshape(-1)
+        base = starts[b] * F
+        _copy(x, values[base:base + n])
+        whole = True
         for r in range(L):
-            base = (starts[b] + r) * F
-            row = out[b, r]
-            for f in range(F):  # branch-free, so it vectorises: v - v is 0 only for a finite v
-                v = np.float32(values[base + f])
-                z = min(max((v - center[f]) / scale[f], -clip), clip)
-                row[f] = z if observed[base + f] and v - v == 0 else np.float32(0.0)
+            whole &= complete[starts[b] + r]
+        if whole:
+            for i in range(n):
+                x[i] = min(max((x[i] - center[i]) / scale[i], -clip), clip)
+            continue
+        for r in range(L):
+            a = r * F
+            if complete[starts[b] + r]:
+                for i in range(a, a + F):
+                    x[i] = min(max((x[i] - center[i]) / scale[i], -clip), clip)
+            else:
+                for i in range(a, a + F):  # v - v is 0 only for a finite v
+                    v = x[i]
+                    z = min(max((v - center[i]) / scale[i], -clip), clip)
+                    x[i] = z if observed[base + i] and v - v == 0 else np.float32(0.0)
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _in_threads(kernel, args: tuple, split: int, threads: int) -> None:
+    """``kernel(*args)`` on up to ``threads`` threads, each given a contiguous share of the first axis of
+    the arrays ``args[split:]`` (the kernel releases the GIL; its results do not depend on the split)."""
+    global _pool
+    n = len(args[split])
+    threads = max(1, min(threads, n))
+    if threads == 1:
+        kernel(*args)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="fintensor-gather")
+    bounds = [n * i // threads for i in range(threads + 1)]
+
+    def share(a: int, b: int) -> tuple:
+        return args[:split] + tuple(x[a:b] for x in args[split:])
+    pending = [_pool.submit(kernel, *share(a, b)) for a, b in zip(bounds[1:-1], bounds[2:])]
+    kernel(*share(bounds[0], bounds[1]))
+    for job in pending:
+        job.result()
 
 
 def _stock_blocks(values: torch.Tensor, nbytes: int = 64 << 20) -> range:
@@ -544,15 +621,20 @@ def _stock_blocks(values: torch.Tensor, nbytes: int = 64 << 20) -> range:
     return range(0, N, max(1, nbytes // max(T * F * values.element_size(), 1)))
 
 
-def _mapped_rows_ok(values: torch.Tensor, observed: torch.Tensor, missing: str) -> torch.Tensor:
-    """``_load_panel``'s row_ok for a (stock, time, feature) map, read a block of stocks at a time."""
+def _mapped_rows_ok(values: torch.Tensor, observed: torch.Tensor, missing: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_load_panel``'s row_ok for a (stock, time, feature) map, and which rows are complete (every value
+    observed and finite; the gather skips their mask), read a block of stocks at a time."""
     N, T, F = values.shape
-    row_ok = torch.empty((N, T), dtype=torch.bool)
+    complete = torch.empty((N, T), dtype=torch.bool)
+    row_ok = complete if missing == "drop" else torch.empty((N, T), dtype=torch.bool)
     step = _stock_blocks(values).step
     for a in _stock_blocks(values):
         unobserved = ~torch.isfinite(values[a:a + step]) | ~observed[a:a + step]
-        row_ok[a:a + step] = ~unobserved.any(-1) if missing == "drop" else ~unobserved.all(-1)
-    return row_ok
+        complete[a:a + step] = ~unobserved.any(-1)
+        if missing != "drop":
+            row_ok[a:a + step] = ~unobserved.all(-1)
+    return complete, row_ok
 
 
 def _fit_mapped(kind: str, values: torch.Tensor, observed: torch.Tensor, seg: Segment, names: Sequence[str],

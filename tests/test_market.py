@@ -12,13 +12,14 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
 import fintensor as ft
-from fintensor import features, ondisk
+from fintensor import data, features, ondisk
 from fintensor.data import Windows
 from fintensor.errors import BadInputError, StoreCorruptError
 
@@ -211,6 +212,47 @@ def test_windows_from_the_map_equal_windows_in_ram(feature_pair, feature_norm, m
     assert Windows(mapped, labels, 10, label_reach=2, cs_norm="zscore", in_memory=True).panel.is_contiguous()
     with pytest.raises(BadInputError, match="on-disk panel"):
         Windows(in_ram, labels, 10, label_reach=2, in_memory=False)
+
+
+@pytest.mark.parametrize("dtype, missing", [(np.float32, "zero"), (np.float32, "drop"), (np.float64, "zero")])
+def test_gather_from_the_map_equals_ram_at_every_window(feature_pair, tmp_path, dtype, missing):
+    """Every window of the panel, complete or not -- unobserved values that are finite, NaN, +-inf --
+    gathers from the map (memcpy + in-place normalisation, mask read only for incomplete rows) exactly as
+    from RAM, for a float32 map and a float64 one (converted while copied)."""
+    in_ram, _, labels = feature_pair
+    values, mask = in_ram.values.clone(), in_ram.mask.clone()
+    g = torch.Generator().manual_seed(3)
+    holes = torch.rand(mask.shape, generator=g) < 0.01
+    mask[holes] = False  # unobserved but finite values: the mask alone must hide them
+    values[torch.rand(values.shape, generator=g) < 0.002] = float("inf")
+    values[torch.rand(values.shape, generator=g) < 0.002] = -float("inf")
+    panel = in_ram.with_values(values, mask=mask)
+    T, N, F = panel.shape
+    with ondisk.PanelWriter(tmp_path / "p", panel.coords["time"], panel.coords["stock"], panel.coords["feature"],
+                            dtype, {}) as w:
+        w.write(values.permute(1, 0, 2).numpy().astype(dtype), mask.permute(1, 0, 2).numpy())
+        w.commit()
+    mapped = ondisk.load(tmp_path / "p")
+    a = Windows(panel, labels, 10, label_reach=2, missing=missing)
+    b = Windows(mapped, labels, 10, label_reach=2, missing=missing, normaliser=a.normaliser)
+    assert b._mapped and not b._complete.all() and b._complete.any()
+    every = torch.arange(9, N * T).reshape(-1)
+    every = every[every % T >= 9]  # windows that do not straddle two stocks
+    threads = torch.get_num_threads()
+    try:  # one thread, and the batch split over two (one share each)
+        torch.set_num_threads(1)
+        one = b.gather(every)
+        torch.set_num_threads(2)
+        with mock.patch.object(data, "GATHER_GRAIN", 1):
+            assert torch.equal(b.gather(every), one)
+    finally:
+        torch.set_num_threads(threads)
+    if dtype is np.float32:
+        assert torch.equal(a.gather(every), one)
+    else:  # the map holds float64; RAM rounds the same float64 numbers to float32 first
+        c = Windows(panel.with_values(torch.from_numpy(values.numpy().astype(np.float64)), mask=mask), labels, 10,
+                    label_reach=2, missing=missing, normaliser=a.normaliser)
+        assert torch.equal(c.gather(every), b.gather(every))
 
 
 def test_the_streaming_normaliser_reads_only_the_train_segment(feature_pair, tmp_path):

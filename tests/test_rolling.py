@@ -4,6 +4,8 @@ input types (numpy, torch, StockTensor), the torch-op path, ``out=`` and bad inp
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -505,3 +507,19 @@ def test_order_statistics_of_long_windows_equal_pandas(window):
     np.testing.assert_array_equal(rolling.rank(x, window, min_periods=minp), r.rank().to_numpy())
     np.testing.assert_array_equal(rolling.rank(x, window, method="max", ascending=False, pct=True, min_periods=minp),
                                   r.rank(method="max", ascending=False, pct=True).to_numpy())
+
+
+def test_rolling_keeps_torch_thread_count():
+    """The first threaded rolling call starts numba's threading layer; with OpenMP that used to reset
+    torch's intra-op thread count to every core (a user's torch.set_num_threads(1) silently undone).
+    Run in a fresh process: the layer starts once per process."""
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "import numpy as np, fintensor as ft\n"
+            "x = np.random.default_rng(0).standard_normal((2000, 300))\n"
+            "assert torch.get_num_threads() == 1  # torch has read its count (any torch op may)\n"
+            "ft.rolling.mean(x, 5); ft.rolling.mean(x, 5)  # the first call compiles alone, the second threads\n"
+            "import numba; assert numba.get_num_threads() >= 1\n"
+            "print(torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1"

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numba
+import torch
 from filelock import FileLock
 
 from ._kernels import _imax, _imin
@@ -26,6 +27,17 @@ _SERIAL_BELOW = 200_000  # elements: below this, waking another thread costs mor
 _pool: ThreadPoolExecutor | None = None
 
 
+def _numba_threads() -> int:
+    """``numba.get_num_threads()``, without its side effect on torch: its first call starts numba's
+    threading layer, and the OpenMP one resets the process's OpenMP thread count -- torch's intra-op
+    threads -- to every core, undoing a user's ``torch.set_num_threads``."""
+    before = torch.get_num_threads()
+    n = numba.get_num_threads()
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+    return n
+
+
 def _run(kernel: Callable, units: int, *args) -> None:
     """``kernel(*args, first, stop)`` over ``units`` columns (or rows), split into one contiguous
     range per thread (``numba.get_num_threads()``; the kernels release the GIL). Results do not
@@ -38,7 +50,7 @@ def _run(kernel: Callable, units: int, *args) -> None:
             kernel(*args, 0, units)
         _warm.add(key)
         return
-    threads = _imin(numba.get_num_threads(), units) if args[0].size >= _SERIAL_BELOW else 1
+    threads = _imin(_numba_threads(), units) if args[0].size >= _SERIAL_BELOW else 1
     if threads <= 1:
         kernel(*args, 0, units)
         return
