@@ -15,9 +15,19 @@ Each stage runs in a fresh process and reports its wall time, CPU time (user + s
   epoch     one ft.train epoch (LSTM 2x64, lookback 20) reading batches from the map
   pandas    the baseline: qlib-style per-stock pandas Alpha158 (tests/pandas_alpha158.py on one stock's
             frames) + pd.concat, on --baseline-stocks stocks (the largest it is run at), per stock vs alpha158
+  minute    --minute-days (default 21; 0 skips) sessions of 1-minute bars for the market's stocks
+            (ft.synthetic.minute_bars of the market regenerated over its first min(days, 252) sessions,
+            seed 1) written to a store of their own (one commit per symbol, one lock)
+  mdays     ft.build_days over those sessions one day at a time (OHLCV, 1min slots, float32, read-ahead
+            budget --minute-memory): seconds per day block, the first block's latency (it reads the
+            first span of days), rows and block shape
 
-The last line is exactly:
+``--only minute,mdays`` runs just those stages (each still in its own process).
+
+The last lines are exactly (the first when the alpha158 stages run, the second when the minute ones do):
     market N stocks x T days: build B s, alpha158 A s, panel P MB, peak RSS R MB, epoch E s
+    minute N stocks x D days: write W s (ROWS rows), build_days S s per day block (total B s, block
+        SHAPE), peak RSS R MB                                              (one line)
 """
 from __future__ import annotations
 
@@ -155,14 +165,60 @@ def stage_pandas(a) -> None:
     _report(stocks=k, seconds=seconds, per_stock_ms=seconds / k * 1000, mb=panel.memory_usage().sum() / 2**20)
 
 
+def _minute_market(a):
+    import fintensor as ft
+
+    return ft.synthetic.market(a.stocks, max(min(a.days, 252), a.minute_days, 2), start=START, seed=1)
+
+
+def stage_minute(a) -> None:
+    import fintensor as ft
+
+    t0 = time.perf_counter()
+    bars = ft.synthetic.minute_bars(_minute_market(a), a.minute_days, seed=1)
+    store = ft.Store(a.work / "minute_store")
+    t1 = time.perf_counter()
+    rows = bars.write(store)
+    write = time.perf_counter() - t1
+    symbols = sorted({s["symbol"] for s in store.list() if s["interval"] == "1m"})
+    (a.work / "minute.json").write_text(json.dumps([symbols, str(bars.dates[0]), str(bars.dates[-1])]))
+    _report(rows=rows, stocks=len(symbols), days=len(bars.dates), market_s=t1 - t0, write_s=write,
+            rows_per_s=rows / write)
+
+
+def stage_mdays(a) -> None:
+    import torch
+
+    import fintensor as ft
+
+    syms, start, end = json.loads((a.work / "minute.json").read_text())
+    store = ft.Store(a.work / "minute_store")
+    t0 = time.perf_counter()
+    blocks = ft.build_days(syms, start, end, freq="1min", interval="1m", fields=FIELDS, store=store,
+                           dtype=torch.float32, memory=a.minute_memory)
+    times, shape, traded = [], None, 0
+    t = time.perf_counter()
+    plan = t - t0
+    for block in blocks:
+        traded += int(block.mask[..., 0].sum())        # cells with a bar: the rows the blocks hold
+        shape = list(block.shape)
+        times.append(time.perf_counter() - t)
+        del block
+        t = time.perf_counter()
+    total = time.perf_counter() - t0
+    _report(blocks=len(times), rows=traded, block_shape=shape, plan_s=plan, first_block_s=times[0],
+            per_block_s=sum(times) / len(times), max_block_s=max(times), total_s=total)
+
+
 STAGES = {"synth": stage_synth, "build": stage_build, "alpha158": stage_alpha158, "gather": stage_gather,
-          "epoch": stage_epoch, "pandas": stage_pandas}
+          "epoch": stage_epoch, "pandas": stage_pandas, "minute": stage_minute, "mdays": stage_mdays}
 
 
 def _run(stage: str, a) -> dict:
     cmd = [sys.executable, __file__, "--stage", stage, "--work", str(a.work), "--stocks", str(a.stocks),
            "--days", str(a.days), "--memory", a.memory, "--baseline-stocks", str(a.baseline_stocks),
-           "--batches", str(a.batches), "--device", a.device, "--epoch-days", str(a.epoch_days)]
+           "--batches", str(a.batches), "--device", a.device, "--epoch-days", str(a.epoch_days),
+           "--minute-days", str(a.minute_days), "--minute-memory", a.minute_memory]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = time.perf_counter() - t0
@@ -188,6 +244,11 @@ def main() -> None:
     p.add_argument("--epoch-days", type=int, default=0, metavar="K",
                    help="time the epoch on a train segment of K days and scale it to the full 60%% segment "
                         "(default: the full epoch)")
+    p.add_argument("--minute-days", type=int, default=21, metavar="D",
+                   help="sessions of 1-minute bars the minute/mdays stages write and build (0 skips them)")
+    p.add_argument("--minute-memory", default="1GB",
+                   help="build_days' read-ahead budget in the mdays stage (its memory=; default 1GB)")
+    p.add_argument("--only", metavar="STAGES", help="comma-separated stages to run (e.g. minute,mdays)")
     p.add_argument("--work", type=Path, help="keep the files here (default: a temp dir, removed)")
     p.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -196,8 +257,15 @@ def main() -> None:
     for name in ("stocks", "days", "baseline_stocks", "batches"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if not 0 <= a.minute_days <= 252:
+        p.error("--minute-days must be 0 (skip) to 252")
     if a.quick:
-        a.stocks, a.days, a.baseline_stocks, a.batches = 100, 500, 20, 50
+        a.stocks, a.days, a.baseline_stocks, a.batches, a.minute_days = 100, 500, 20, 50, min(a.minute_days, 5)
+    only = None if a.only is None else [s.strip() for s in a.only.split(",") if s.strip()]
+    if only is not None and (not only or set(only) - set(STAGES)):
+        p.error(f"--only takes stages among {', '.join(STAGES)}")
+    if only and "mdays" in only and "minute" not in only and not a.work:
+        p.error("--only mdays reads the store a minute stage wrote: add minute, or pass its --work")
     if a.stage:
         STAGES[a.stage](a)
         return
@@ -206,29 +274,50 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     try:
         print(f"market {a.stocks} stocks x {a.days} days, alpha158 memory={a.memory}, {os.cpu_count()} cores")
-        r = {s: _run(s, a) for s in ("synth", "build", "alpha158")}
-        panel_mb = r["alpha158"]["panel_mb"]
-        total_kb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
-        if panel_mb * 4 / 5 < total_kb / 2:
-            g = _run("gather", a)
-            for key in sorted(k for k in g if k.startswith("ratio_")):
-                t = key[len("ratio_"):]
-                print(f"gather ({t[:-1]} thread(s)): map {g['map_ms_' + t]:.2f} ms vs RAM {g['ram_ms_' + t]:.2f} ms "
-                      f"per 800-window batch ({g[key]:.2f}x)")
-        r["epoch"] = _run("epoch", a)
-        base = _run("pandas", a)
-        print(f"pandas per-stock Alpha158 + pd.concat: {base['per_stock_ms']:.0f} ms/stock on {base['stocks']} "
-              f"stocks (peak RSS {base['rss_mb']:.0f} MB) vs fintensor out of core "
-              f"{r['alpha158']['per_stock_ms']:.1f} ms/stock: {base['per_stock_ms'] / r['alpha158']['per_stock_ms']:.1f}x")
-        peak = max(x["rss_mb"] for x in r.values())
-        print(f"market {a.stocks} stocks x {a.days} days: build {r['build']['wall']:.1f} s, alpha158 "
-              f"{r['alpha158']['seconds']:.1f} s, panel {panel_mb:.0f} MB, peak RSS {peak:.0f} MB, epoch "
-              f"{r['epoch']['seconds']:.1f} s" + (f" (scaled from {r['epoch']['measured_seconds']:.1f} s on "
-                                                   f"{r['epoch']['train_days']} train days)"
-                                                   if r['epoch']['train_days'] != int(a.days * 0.6) else ""))
+        if only is None or set(only) & {"synth", "build", "alpha158", "gather", "epoch", "pandas"}:
+            _market_stages(a, only)
+        if a.minute_days and (only is None or set(only) & {"minute", "mdays"}):
+            _minute_stages(a, only)
     finally:
         if not keep:
             shutil.rmtree(a.work, ignore_errors=True)
+
+
+def _minute_stages(a, only) -> None:
+    w = _run("minute", a) if only is None or "minute" in only else None
+    d = _run("mdays", a) if only is None or "mdays" in only else None
+    if w and d:
+        print(f"minute {w['stocks']} stocks x {w['days']} days: write {w['write_s']:.1f} s ({w['rows']} rows), "
+              f"build_days {d['per_block_s']:.2f} s per day block (total {d['total_s']:.1f} s, block "
+              f"{'x'.join(map(str, d['block_shape']))}), peak RSS {max(w['rss_mb'], d['rss_mb']):.0f} MB")
+
+
+def _market_stages(a, only) -> None:
+    if only is not None:
+        for s in only:
+            if s not in ("minute", "mdays"):
+                _run(s, a)
+        return
+    r = {s: _run(s, a) for s in ("synth", "build", "alpha158")}
+    panel_mb = r["alpha158"]["panel_mb"]
+    total_kb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    if panel_mb * 4 / 5 < total_kb / 2:
+        g = _run("gather", a)
+        for key in sorted(k for k in g if k.startswith("ratio_")):
+            t = key[len("ratio_"):]
+            print(f"gather ({t[:-1]} thread(s)): map {g['map_ms_' + t]:.2f} ms vs RAM {g['ram_ms_' + t]:.2f} ms "
+                  f"per 800-window batch ({g[key]:.2f}x)")
+    r["epoch"] = _run("epoch", a)
+    base = _run("pandas", a)
+    print(f"pandas per-stock Alpha158 + pd.concat: {base['per_stock_ms']:.0f} ms/stock on {base['stocks']} "
+          f"stocks (peak RSS {base['rss_mb']:.0f} MB) vs fintensor out of core "
+          f"{r['alpha158']['per_stock_ms']:.1f} ms/stock: {base['per_stock_ms'] / r['alpha158']['per_stock_ms']:.1f}x")
+    peak = max(x["rss_mb"] for x in r.values())
+    print(f"market {a.stocks} stocks x {a.days} days: build {r['build']['wall']:.1f} s, alpha158 "
+          f"{r['alpha158']['seconds']:.1f} s, panel {panel_mb:.0f} MB, peak RSS {peak:.0f} MB, epoch "
+          f"{r['epoch']['seconds']:.1f} s" + (f" (scaled from {r['epoch']['measured_seconds']:.1f} s on "
+                                               f"{r['epoch']['train_days']} train days)"
+                                               if r['epoch']['train_days'] != int(a.days * 0.6) else ""))
 
 
 if __name__ == "__main__":

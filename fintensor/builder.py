@@ -660,29 +660,37 @@ def build_ticks(symbols: str | Iterable[str], start, end, freq: str = "3s",
     request = dict(kind="build_ticks", version=BUILD_VERSION, symbols=p.syms, start=str(p.days[0]),
                    end=str(p.days[-1]), freq=p.freq_s, fields=p.fields, calendar=p.cal, interval=p.source,
                    dtype=_dtype_name(p.tdtype), fingerprint=p.fingerprint)
-    return _cached(p.store, request, cache,
-                   lambda: _build_slots(p.store, p.syms, p.days, p.segs, p.n_slots, p.freq_s, p.fields, p.cal,
-                                        p.source, p.tdtype, p.fingerprint, p.adjusts))
+    return _cached(p.store, request, cache, lambda: _build_slots(p))
 
 
 def build_days(symbols: str | Iterable[str], start, end, days_per_block: int = 1, freq: str = "3s",
                fields: str | Sequence[str] = ("price", "volume"), store: Store | str | os.PathLike | None = None,
                calendar: str | None = None, interval: str | None = None, dtype: torch.dtype = torch.float32,
-               adjust: str | None = None) -> Iterator[StockTensor]:
+               adjust: str | None = None, memory: int | str = "1GB") -> Iterator[StockTensor]:
     """``build_ticks`` over [start, end] as (day, tick, stock, feature) blocks of ``days_per_block`` sessions,
-    made one at a time: memory holds one block whatever the range (a month of the whole market's minutes).
+    made one at a time: memory holds one block and the records read ahead, whatever the range (a month of
+    the whole market's minutes).
+
+    Reads: the symbols' records are read (every file checksum-verified over all of it) once per *span* of
+    blocks, aggregated into their slots and kept, sparse, until the span's blocks are made. A span is as many
+    blocks as fit in ``memory`` (bytes, or text like "512MB"; at least one block), counted as if every stock
+    traded in every slot; so a month of 1-minute bars stored one file per symbol (``minute_bars().write``)
+    is read once, not once per day, while a range larger than ``memory`` is read span by span (a file that
+    covers several spans is read in each). Peak memory: about ``memory`` plus two blocks.
 
     Every check build_ticks makes over the whole range is made before this returns, so bad input never
     fails half-way. Concatenated along "day", the blocks equal ``build_ticks`` of the range bit for bit
     (values, mask, coords): every block has the range's longest tick axis (slots after an early close NaN,
     mask False) and a stock without records in a block is untraded there (flows 0, prices NaN). meta
-    differs only in ``slots_per_day`` and ``dropped_records`` (the block's own: the blocks' counts add up to
-    the range's) and ``block`` ([index, count]). Blocks are not cached: caching a range larger than memory
+    differs only in ``slots_per_day`` and ``dropped_records`` (the block's own: a dropped record counts in
+    the block of its session, or of the last session before its date, so the blocks' counts add up to the
+    range's) and ``block`` ([index, count]). Blocks are not cached: caching a range larger than memory
     would only write it to disk again. A tick store with no ticks at all in some block is refused up front.
     """
     per = checks.positive_int("days_per_block", days_per_block)
+    budget = checks.parse_bytes(memory, "memory")
     p = _tick_plan(symbols, start, end, freq, fields, store, calendar, interval, dtype, adjust)
-    return _day_blocks(p, per)
+    return _day_blocks(p, per, budget)
 
 
 @dataclass
@@ -744,33 +752,142 @@ def _tick_plan(symbols, start, end, freq, fields, store, calendar, interval, dty
                      sources, tick_days)
 
 
-def _day_blocks(p: _TickPlan, per: int) -> Iterator[StockTensor]:
-    K, N = int(p.n_slots.max()), len(p.syms)
-    count = -(-len(p.days) // per)
-    for b in range(count):
-        sl = slice(b * per, (b + 1) * per)
-        days, n_slots = p.days[sl], p.n_slots[sl]
-        syms = p.syms if p.tick_days is None else \
-            [s for s in p.syms if any(str(d) in p.tick_days[s] for d in days)]
-        t = _build_slots(p.store, syms, days, p.segs[sl], n_slots, p.freq_s, p.fields, p.cal, p.source, p.tdtype,
-                         p.fingerprint, p.adjusts)
-        values, mask, meta = t.values, t.mask, t.meta
-        if len(syms) < N or t.shape[1] < K:   # widen to the range's slots and stocks, as the one-shot build has
-            F, k = len(p.fields), t.shape[1]
-            cols = [p.syms.index(s) for s in syms]
-            full = np.full((len(days), K, N, F), np.nan, dtype=t.values.numpy().dtype)
-            session = np.arange(K)[None, :] < n_slots[:, None]            # (days, K): slot open that day
-            for f, name in enumerate(p.fields):
-                if name in ("volume", "amount", "trades"):              # untraded stocks: flows 0 while open
-                    full[..., f][session] = 0.0
-            full[:, :k, cols] = t.values.numpy()
-            held = np.zeros(full.shape, dtype=bool)
-            held[:, :k, cols] = t.mask.numpy()
-            values, mask = torch.from_numpy(full), torch.from_numpy(held)
-        meta = dict(meta, source=p.sources[0] if len(p.sources) == 1 else p.sources, block=[b, count])
-        yield StockTensor(values, t.dims, {"day": days, "tick": (np.arange(K) * p.freq_s).astype("timedelta64[s]"),
-                                           "stock": np.array(p.syms), "feature": t.coords["feature"]}, mask, meta)
-        del t, values, mask   # nothing of this block is held while the next one is built
+def _np_dtype(tdtype: torch.dtype):
+    return np.float64 if tdtype == torch.float64 else np.float32
+
+
+def _span_blocks(p: _TickPlan, per: int, budget: int) -> int:
+    """How many blocks of ``per`` days one read may cover: their slots, held sparse (a cell index and the
+    fields), fit in ``budget`` bytes even if every stock traded in every slot (at least one block)."""
+    cell = 4 + len(p.fields) * np.dtype(_np_dtype(p.tdtype)).itemsize
+    per_block = per * int(p.n_slots.max()) * len(p.syms) * cell
+    return max(1, budget // max(per_block, 1))
+
+
+def _day_blocks(p: _TickPlan, per: int, budget: int) -> Iterator[StockTensor]:
+    K, N, D = int(p.n_slots.max()), len(p.syms), len(p.days)
+    count = -(-D // per)
+    span = per * _span_blocks(p, per, budget)
+    source = p.sources[0] if len(p.sources) == 1 else p.sources
+    for s0 in range(0, D, span):
+        s1 = min(s0 + span, D)
+        # read up to the day before the next span's first session: records dated between sessions (a weekend)
+        # are read by exactly one span, and counted as dropped in the block of the session before them
+        hi = str(p.days[s1 - 1]) if s1 == D else str(p.days[s1] - np.timedelta64(1, "D"))
+        slots = _span_slots(p, s0, s1, hi, K)
+        for b0 in range(s0, s1, per):
+            b1 = min(b0 + per, s1)
+            values = np.full(((b1 - b0) * K, N, len(p.fields)), np.nan, dtype=_np_dtype(p.tdtype))
+            traded = np.zeros(((b1 - b0) * K, N), dtype=bool)
+            lo_cell, hi_cell = (b0 - s0) * K, (b1 - s0) * K
+            dropped = {}
+            for j, got in enumerate(slots):
+                if got is None:
+                    continue
+                cells, vals, dropped_by_day = got
+                a, b = np.searchsorted(cells, (lo_cell, hi_cell))
+                _scatter(values, traded, j, cells[a:b] - lo_cell, vals[a:b])
+                if dropped_by_day is not None and dropped_by_day[b0 - s0:b1 - s0].any():
+                    dropped[p.syms[j]] = int(dropped_by_day[b0 - s0:b1 - s0].sum())
+            values, mask = _finish_slots(values, traded, p.fields, p.n_slots[b0:b1], K)
+            meta = _slot_meta(p, source, p.n_slots[b0:b1], dropped)
+            meta["block"] = [b0 // per, count]
+            days = p.days[b0:b1]
+            yield StockTensor(values, ("day", "tick", "stock", "feature"),
+                              {"day": days, "tick": (np.arange(K) * p.freq_s).astype("timedelta64[s]"),
+                               "stock": np.array(p.syms), "feature": np.array(p.fields)}, mask, meta)
+            del values, mask, traded   # nothing of this block is held while the next one is built
+        del slots
+
+
+def _span_slots(p: _TickPlan, s0: int, s1: int, hi: str, K: int) -> list:
+    """Per symbol, its records dated [days[s0], hi] in their slots of days[s0:s1] (``_symbol_slots``), or None
+    for a tick symbol without a tick day there (read_ticks would refuse it)."""
+    lo = str(p.days[s0])
+    out = []
+    for sym in p.syms:
+        if p.tick_days is not None and not any(lo <= d <= hi for d in p.tick_days[sym]):
+            out.append(None)
+            continue
+        out.append(_symbol_slots(p, sym, p.days[s0:s1], p.segs[s0:s1], lo, hi, K))
+    return out
+
+
+def _symbol_slots(p: _TickPlan, sym: str, days: np.ndarray, segs: np.ndarray, lo: str, hi: str, K: int):
+    """``sym``'s records dated [lo, hi] aggregated into the slots of ``days``: (cells, values, dropped), cells
+    the ascending flat slot numbers (day * K + slot, int32) of the traded slots, values (cells, fields) in
+    the build's dtype, dropped the records outside every slot per day (a record dated between sessions
+    counts on the session before it), or None when none was."""
+    D = len(days)
+    fields = p.fields
+    needs = {_TICK_INPUTS[f] for f in fields} - {None}
+    rec = _records(p.store, sym, lo, hi, p.source, needs, None if p.adjusts is None else p.adjusts[sym])
+    day_ints = days.astype(np.int64)
+    d = np.searchsorted(day_ints, rec["date"])
+    ok = (d < D) & (day_ints[np.minimum(d, D - 1)] == rec["date"])
+    slot = np.full(len(d), -1, dtype=np.int64)
+    slot[ok] = _slot_of(rec["time"][ok], d[ok], segs, p.freq_s * _NS, p.cal in FOLD_CALENDARS)
+    keep = slot >= 0
+    dropped = None
+    if not keep.all():
+        at = np.searchsorted(day_ints, rec["date"][~keep], side="right") - 1
+        dropped = np.bincount(np.clip(at, 0, D - 1), minlength=D)
+    flat = (d * K + slot)[keep]
+    if not len(flat):
+        return flat.astype(np.int32), np.empty((0, len(fields)), dtype=_np_dtype(p.tdtype)), dropped
+    rec = {n: v[keep] for n, v in rec.items() if n in needs}
+    if (np.diff(flat) < 0).any():                                     # records come time-sorted; be sure
+        order = np.argsort(flat, kind="stable")
+        flat, rec = flat[order], {n: v[order] for n, v in rec.items()}
+    starts = np.r_[0, np.nonzero(np.diff(flat))[0] + 1]
+    vals = np.empty((len(starts), len(fields)), dtype=_np_dtype(p.tdtype))
+    for f, name in enumerate(fields):
+        vals[:, f] = _aggregate(rec, starts, len(flat), name)
+    return flat[starts].astype(np.int32), vals, dropped
+
+
+def _scatter(values: np.ndarray, traded: np.ndarray, j: int, cells: np.ndarray, vals: np.ndarray) -> None:
+    """Stock ``j``'s traded slots (flat cell numbers of the block) into the block's (cells, stock, field) arrays."""
+    if len(cells):
+        values[cells, j] = vals
+        traded[cells, j] = True
+
+
+def _finish_slots(values: np.ndarray, traded: np.ndarray, fields: list[str], n_slots: np.ndarray, K: int):
+    """Scattered slots -> (day, tick, stock, field) values and mask: price carried within the day, flows 0
+    where nothing traded, NaN after an early close."""
+    D = len(n_slots)
+    values = values.reshape(D, K, values.shape[1], len(fields))
+    traded = traded.reshape(D, K, traded.shape[1])
+    for f, name in enumerate(fields):
+        v = values[..., f]
+        if name == "price":  # the last trade so far today: carried within the day, never from the day before
+            last = np.where(traded, np.arange(K, dtype=np.int32)[None, :, None], np.int32(-1))
+            np.maximum.accumulate(last, axis=1, out=last)
+            carried = np.take_along_axis(v, np.maximum(last, 0), axis=1)
+            carried[last < 0] = np.nan
+            v[...] = carried
+        elif name in ("volume", "amount", "trades"):
+            v[~traded] = 0.0
+    closed = np.arange(K)[None, :] >= n_slots[:, None]               # slots after an early close
+    if closed.any():
+        values[closed] = np.nan
+    mask = np.broadcast_to(traded[..., None], values.shape).copy()
+    return torch.from_numpy(values), torch.from_numpy(mask)
+
+
+def _slot_meta(p: _TickPlan, source, n_slots: np.ndarray, dropped: dict) -> dict:
+    fold = p.cal in FOLD_CALENDARS
+    meta: dict[str, Any] = dict(
+        source=source, interval=p.source, freq=f"{p.freq_s}s", calendar=p.cal,
+        adjustment="raw" if p.source == "tick" else p.adjusts[p.syms[0]],
+        auction="folded into the first slot; late prints into the slot before" if fold
+        else "records outside the regular session dropped",
+        store=p.store.uri, store_fingerprint=p.fingerprint, slots_per_day=n_slots.tolist(),
+    )
+    if dropped:
+        meta["dropped_records"] = dropped
+    return meta
 
 
 def _freq_seconds(freq) -> int:
@@ -877,14 +994,14 @@ _TICK_INPUTS = {"price": "close", "close": "close", "open": "open", "high": "hig
                 "volume": "volume", "amount": "amount", "trades": None}
 
 
-def _records(store: Store, sym: str, days: np.ndarray, source: str, needs: set[str],
+def _records(store: Store, sym: str, lo: str, hi: str, source: str, needs: set[str],
              adjust: str | None = None) -> dict[str, np.ndarray]:
-    """time (ns), local date (days) and the ``needs`` among open/high/low/close/volume/amount, time-sorted.
+    """time (ns), local date (days) and the ``needs`` among open/high/low/close/volume/amount of the records
+    dated [lo, hi], time-sorted.
 
     Ticks: each trade's price is its open, high, low and close; amount falls back to price x volume.
     Bars: a missing open/high/low (vendors with one price per minute) falls back to the close.
     """
-    lo, hi = str(days[0]), str(days[-1])
     num = lambda t, c: t.column(c).to_numpy().astype(np.float64)  # noqa: E731 (nulls become NaN)
     if source == "tick":
         cols = (["price"] if needs - {"volume"} else []) + (["volume"] if needs & {"volume", "amount"} else []) \
@@ -931,67 +1048,26 @@ def _source_name(store: Store, sym: str, source: str, adjust: str | None = None)
     return json.loads(first.read_bytes()).get("source", "?") if first else "?"
 
 
-def _build_slots(store, syms, days, segs, n_slots, freq_s, fields, cal, source, tdtype, fingerprint, adjusts=None):
-    D, K, N, F = len(days), int(n_slots.max()), len(syms), len(fields)
-    freq_ns = freq_s * _NS
-    np_dtype = np.float64 if tdtype == torch.float64 else np.float32
-    values = np.full((D * K, N, F), np.nan, dtype=np_dtype)
-    traded = np.zeros((D * K, N), dtype=bool)
-    day_ints = days.astype(np.int64)
-    fold = cal in FOLD_CALENDARS
+def _build_slots(p: _TickPlan) -> StockTensor:
+    """build_ticks' tensor: each symbol's records of the whole range read, slotted and scattered in turn."""
+    K, N = int(p.n_slots.max()), len(p.syms)
+    values = np.full((len(p.days) * K, N, len(p.fields)), np.nan, dtype=_np_dtype(p.tdtype))
+    traded = np.zeros((len(p.days) * K, N), dtype=bool)
+    lo, hi = str(p.days[0]), str(p.days[-1])
     dropped = {}
-    needs = {_TICK_INPUTS[f] for f in fields} - {None}
-    for j, sym in enumerate(syms):
-        rec = _records(store, sym, days, source, needs, None if adjusts is None else adjusts[sym])
-        d = np.searchsorted(day_ints, rec["date"])
-        ok = (d < D) & (day_ints[np.minimum(d, D - 1)] == rec["date"])
-        slot = np.full(len(d), -1, dtype=np.int64)
-        slot[ok] = _slot_of(rec["time"][ok], d[ok], segs, freq_ns, fold)
-        keep = slot >= 0
-        if not keep.all():
-            dropped[sym] = int((~keep).sum())
-        flat = (d * K + slot)[keep]
-        if not len(flat):
-            continue
-        rec = {n: v[keep] for n, v in rec.items() if n in needs}
-        if (np.diff(flat) < 0).any():                                 # records come time-sorted; be sure
-            order = np.argsort(flat, kind="stable")
-            flat, rec = flat[order], {n: v[order] for n, v in rec.items()}
-        starts = np.r_[0, np.nonzero(np.diff(flat))[0] + 1]
-        cells = flat[starts]
-        for f, name in enumerate(fields):
-            values[cells, j, f] = _aggregate(rec, starts, len(flat), name)
-        traded[cells, j] = True
-    values = values.reshape(D, K, N, F)
-    traded = traded.reshape(D, K, N)
-    for f, name in enumerate(fields):
-        v = values[..., f]
-        if name == "price":  # the last trade so far today: carried within the day, never from the day before
-            last = np.where(traded, np.arange(K, dtype=np.int32)[None, :, None], np.int32(-1))
-            np.maximum.accumulate(last, axis=1, out=last)
-            carried = np.take_along_axis(v, np.maximum(last, 0), axis=1)
-            carried[last < 0] = np.nan
-            v[...] = carried
-        elif name in ("volume", "amount", "trades"):
-            v[~traded] = 0.0
-    closed = np.arange(K)[None, :] >= n_slots[:, None]               # slots after an early close
-    if closed.any():
-        values[closed] = np.nan
-    mask = np.broadcast_to(traded[..., None], values.shape).copy()
-    sources = sorted({_source_name(store, s, source, None if adjusts is None else adjusts[s]) for s in syms})
-    meta: dict[str, Any] = dict(
-        source=sources[0] if len(sources) == 1 else sources, interval=source, freq=f"{freq_s}s", calendar=cal,
-        adjustment="raw" if source == "tick" else adjusts[syms[0]],
-        auction="folded into the first slot; late prints into the slot before" if fold
-        else "records outside the regular session dropped",
-        store=store.uri, store_fingerprint=fingerprint, slots_per_day=n_slots.tolist(),
-    )
-    if dropped:
-        meta["dropped_records"] = dropped
-    ticks = (np.arange(K) * freq_s).astype("timedelta64[s]")
-    return StockTensor(torch.from_numpy(values), ("day", "tick", "stock", "feature"),
-                       {"day": days, "tick": ticks, "stock": np.array(syms), "feature": np.array(fields)},
-                       torch.from_numpy(mask), meta)
+    for j, sym in enumerate(p.syms):
+        cells, vals, dropped_by_day = _symbol_slots(p, sym, p.days, p.segs, lo, hi, K)
+        _scatter(values, traded, j, cells, vals)
+        if dropped_by_day is not None:
+            dropped[sym] = int(dropped_by_day.sum())
+        del cells, vals
+    values, mask = _finish_slots(values, traded, p.fields, p.n_slots, K)
+    sources = sorted({_source_name(p.store, s, p.source, None if p.adjusts is None else p.adjusts[s])
+                      for s in p.syms})
+    meta = _slot_meta(p, sources[0] if len(sources) == 1 else sources, p.n_slots, dropped)
+    return StockTensor(values, ("day", "tick", "stock", "feature"),
+                       {"day": p.days, "tick": (np.arange(K) * p.freq_s).astype("timedelta64[s]"),
+                        "stock": np.array(p.syms), "feature": np.array(p.fields)}, mask, meta)
 
 
 # ------------------------------------------------------------------------------- intraday build

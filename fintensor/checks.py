@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Any, Iterable
 
 from .errors import BadInputError
@@ -75,3 +76,18 @@ def _range(lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
     if hi is not None:
         return f"{'<' if hi_open else '<='} {fmt(hi)}"
     return "valid"
+
+
+def parse_bytes(value: Any, what: str) -> int:
+    """A byte count (at least 1MB) from an int or text like "2GB", "512MB", "1.5G" (powers of 1024)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", str(value), re.IGNORECASE)
+        if not m:
+            raise BadInputError(f"{what} must be a byte count like 2GB or 512MB, got {value!r}")
+        number, unit = float(m.group(1)), m.group(2).lower()
+    nbytes = int(number * 1024 ** " kmgt".index(unit or " "))
+    if nbytes < 1 << 20:
+        raise BadInputError(f"{what} must be at least 1MB, got {value!r}")
+    return nbytes

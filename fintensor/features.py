@@ -33,6 +33,7 @@ import torch
 from numba import njit
 
 from . import builder, ondisk, rolling
+from .checks import parse_bytes  # noqa: F401  (features.parse_bytes: kept importable from here)
 from .errors import BadInputError
 from .fileio import check_output_path
 from .tensor import StockTensor
@@ -427,21 +428,6 @@ def _compute_to_disk(data, spec, min_periods, dtype, path: Path, memory: int) ->
             del values, mask
         writer.commit()
     return ondisk.load(path, verify=False)
-
-
-def parse_bytes(value: int | str, what: str) -> int:
-    """A byte count from an int or text like "2GB", "512MB", "1.5G" (powers of 1024)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        number, unit = float(value), ""
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", str(value), re.IGNORECASE)
-        if not m:
-            raise BadInputError(f"{what} must be a byte count like 2GB or 512MB, got {value!r}")
-        number, unit = float(m.group(1)), m.group(2).lower()
-    nbytes = int(number * 1024 ** " kmgt".index(unit or " "))
-    if nbytes < 1 << 20:
-        raise BadInputError(f"{what} must be at least 1MB, got {value!r}")
-    return nbytes
 
 
 @njit(cache=True, nogil=True)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fintensor as ft
+from fintensor import builder
 from fintensor.builder import TICK_FIELDS
 from fintensor.errors import BadInputError, MissingDataError
 
@@ -164,18 +165,81 @@ def test_written_store_holds_exactly_the_bars(synthetic_minute_store, us_minute_
 
 
 # ------------------------------------------------------------------------------------------ day blocks
-@pytest.mark.parametrize("per", [1, 4, 21])
-def test_day_blocks_concatenate_to_one_build_on_synthetic_minutes(synthetic_minute_store, us_minutes, per):
+#: the bytes a day of the synthetic minute store's slots take held sparse (a cell index + 8 float32 fields)
+US_DAY = 60 * 390 * (4 + 8 * 4)
+
+
+@pytest.mark.parametrize("per,memory", [(1, "1GB"), (4, "1GB"), (21, "1GB"), (1, 3 * US_DAY), (4, 3 * US_DAY),
+                                        (2, 5 * US_DAY)])
+def test_day_blocks_concatenate_to_one_build_on_synthetic_minutes(synthetic_minute_store, us_minutes, per, memory):
+    """One read for the whole range (1GB), or several spans of blocks (a span of 3 days: 1 or 4 days per block;
+    of 4 days: 2 per block)."""
     syms, lo, hi = us_minutes.market.symbols, us_minutes.dates[0], us_minutes.dates[-1]
     kw = dict(freq="1min", fields=FIELDS, store=synthetic_minute_store)
     one = ft.build_ticks(syms, lo, hi, cache=False, **kw)
-    blocks = list(ft.build_days(syms, lo, hi, days_per_block=per, **kw))
+    blocks = list(ft.build_days(syms, lo, hi, days_per_block=per, memory=memory, **kw))
     assert one.shape == (21, 390, 60, len(FIELDS)) and len(blocks) == -(-21 // per)
     assert_blocks_equal_one_build(blocks, one, per)
     if per == 1:  # the early close's block is padded to 390 slots: NaN, unobserved
         short = blocks[list(one.coords["day"]).index(np.datetime64("2019-11-29"))]
         assert short.meta["slots_per_day"] == [210]
         assert torch.isnan(short.values[:, 210:]).all() and not short.mask[:, 210:].any()
+
+
+def test_each_file_is_read_and_verified_once_per_span(synthetic_minute_store, us_minutes, monkeypatch):
+    """A month of minutes stored one file per symbol: with room for the month, each file is read (and its
+    SHA-256 checked) once for all 21 one-day blocks; with room for 3 days, once per 3-day span (7 at most)."""
+    reads: list[str] = []
+    real = ft.Store._read_parts
+
+    def counting(self, pdir, parts, *args, **kwargs):
+        reads.extend(str(pdir / p["file"]) for p in parts)
+        return real(self, pdir, parts, *args, **kwargs)
+
+    monkeypatch.setattr(ft.Store, "_read_parts", counting)
+    syms, lo, hi = us_minutes.market.symbols, us_minutes.dates[0], us_minutes.dates[-1]
+    stored = [s for s in syms if synthetic_minute_store.adjustments(s, "1m")]
+    files = {str(f) for f in synthetic_minute_store.files(stored, "1m")}
+    assert len(files) == len(stored) > 50                                 # one part per symbol
+    kw = dict(freq="1min", fields=FIELDS, store=synthetic_minute_store, dtype=torch.float32)
+    for memory, spans in (("1GB", 1), (3 * US_DAY, 7)):
+        reads.clear()
+        blocks = sum(1 for _ in ft.build_days(stored, lo, hi, memory=memory, **kw))
+        assert blocks == 21
+        # once per span it overlaps (a stock listed or suspended at the range's ends overlaps fewer spans)
+        assert set(reads) == files and all(1 <= reads.count(f) <= spans for f in files), (memory, len(reads))
+        assert spans == 1 or len(reads) > 5 * len(files)
+    reads.clear()
+    ft.build_ticks(stored, lo, hi, cache=False, **kw)                     # the one-shot build: once too
+    assert sorted(reads) == sorted(files)
+
+
+def test_records_between_sessions_count_once_in_the_block_before(us_minute_frame, us_minutes, tmp_path,
+                                                                  monkeypatch):
+    """Bars stamped on a day with no session (Thanksgiving, 2019-11-28) are dropped and counted in the block
+    of the session before, whichever span reads them: the blocks' counts add up to the one build's."""
+    store = ft.Store(tmp_path)
+    syms = list(us_minute_frame.symbol.unique()[:3])
+    for sym in syms:
+        rows = us_minute_frame[us_minute_frame.symbol == sym].drop(columns="symbol")
+        if sym == syms[0]:
+            extra = rows.iloc[:5].copy()
+            extra["time"] = pd.date_range("2019-11-28 15:00", periods=5, freq="1min", tz="UTC")
+            extra["date"] = pd.Timestamp("2019-11-28").date()
+            rows = pd.concat([rows, extra]).sort_values("time")
+        store.write_bars(sym, rows.reset_index(drop=True), interval="1m", source="test")
+    lo, hi = us_minutes.dates[0], us_minutes.dates[-1]
+    kw = dict(freq="1min", fields=["close", "volume"], store=store)
+    one = ft.build_ticks(syms, lo, hi, cache=False, **kw)
+    assert one.meta["dropped_records"] == {syms[0]: 5}
+    for span in (None, 1):                                                # one span; one day per span
+        if span:
+            monkeypatch.setattr(builder, "_span_blocks", lambda p, per, budget: span)
+        blocks = list(ft.build_days(syms, lo, hi, **kw))
+        assert len(blocks) == 21
+        assert_blocks_equal_one_build(blocks, one, 1)
+        wed = list(one.coords["day"]).index(np.datetime64("2019-11-27"))
+        assert blocks[wed].meta["dropped_records"] == {syms[0]: 5}
 
 
 def test_a_day_block_is_the_pandas_pivot_of_that_day(synthetic_minute_store, us_minutes, us_minute_frame):
@@ -223,14 +287,15 @@ def test_day_blocks_refuse_bad_input_before_the_first_block(synthetic_minute_sto
     syms, lo, hi = us_minutes.market.symbols[:3], us_minutes.dates[0], us_minutes.dates[-1]
     before = sorted((p.relative_to(synthetic_minute_store.root), p.stat().st_size)
                     for p in synthetic_minute_store.root.rglob("*") if p.is_file())
-    bad = [dict(days_per_block=0), dict(days_per_block=True), dict(days_per_block=1.5), dict(fields=["vwap"]),
+    bad = [dict(days_per_block=0), dict(days_per_block=True), dict(days_per_block=1.5), dict(memory="1KB"),
+           dict(memory="lots"), dict(memory=True), dict(fields=["vwap"]),
            dict(freq="90s"), dict(freq="-1min"), dict(dtype="int32"), dict(adjust="full"), dict(adjust="nope"),
            dict(calendar="XSHG"), dict(interval="1d")]
     for extra in bad:
         kw = dict(dict(freq="1min", store=synthetic_minute_store), **extra)
         with pytest.raises(BadInputError) as days_error:
             ft.build_days(syms, lo, hi, **kw)                              # raised here, not on iteration
-        if "days_per_block" not in extra:                                 # build_ticks' checks, its words
+        if not {"days_per_block", "memory"} & set(extra):                  # build_ticks' checks, its words
             with pytest.raises(BadInputError) as ticks_error:
                 ft.build_ticks(syms, lo, hi, **kw)
             assert str(ticks_error.value) == str(days_error.value)
@@ -255,10 +320,12 @@ def wide_minute_store(tmp_path_factory):
     return store, m.dates[0], m.dates[20]
 
 
-def test_peak_rss_of_many_day_blocks_stays_at_one_block(wide_minute_store):
+def test_peak_rss_of_many_day_blocks_stays_at_the_budget(wide_minute_store):
     """A child iterates 2 one-day blocks, then 21, then builds the 21 days at once, and reads the peak RSS of
-    each phase (Linux: /proc/self/clear_refs resets it) above the RSS the phase started from. 21 blocks take
-    as little as 2 (a few blocks' worth); the one-shot build takes 15+ blocks (so the measurement sees growth)."""
+    each phase (Linux: /proc/self/clear_refs resets it) above the RSS the phase started from. With a read-ahead
+    budget ``memory`` of 2 days (13 MB), 21 blocks take what 2 do: a few blocks plus the budget; with the
+    least budget (1MB: one block per read) a few blocks. The one-shot build takes 15+ blocks (so the
+    measurement sees growth)."""
     code = textwrap.dedent("""
         import json, sys
         import fintensor as ft
@@ -266,6 +333,7 @@ def test_peak_rss_of_many_day_blocks_stays_at_one_block(wide_minute_store):
         store, lo, hi = sys.argv[1], sys.argv[2], sys.argv[3]
         syms = sorted(s["symbol"] for s in ft.Store(store).list() if s["interval"] == "1m")
         kw = dict(freq="1min", fields=list(TICK_FIELDS), store=store, dtype="float64")
+        budget = 2 * len(syms) * 390 * (4 + 8 * 8)              # 2 days of slots held sparse
 
         def status(key):
             with open("/proc/self/status") as f:
@@ -278,8 +346,8 @@ def test_peak_rss_of_many_day_blocks_stays_at_one_block(wide_minute_store):
             work()
             return status("VmHWM") - start
 
-        def blocks(n):
-            for b in ft.build_days(syms, days[0], days[n - 1], **kw):
+        def blocks(n, memory=budget):
+            for b in ft.build_days(syms, days[0], days[n - 1], memory=memory, **kw):
                 pass
 
         days = ft.calendars.sessions("XNYS", lo, hi)
@@ -287,7 +355,9 @@ def test_peak_rss_of_many_day_blocks_stays_at_one_block(wide_minute_store):
         first = next(ft.build_days(syms, days[0], days[0], **kw))
         block = first.values.numel() * 8 + first.mask.numel()
         del first
-        out = {"block": block, "two": phase(lambda: blocks(2)), "many": phase(lambda: blocks(len(days))),
+        out = {"block": block, "budget": budget, "two": phase(lambda: blocks(2)),
+               "many": phase(lambda: blocks(len(days))),
+               "least": phase(lambda: blocks(len(days), memory="1MB")),
                "one": phase(lambda: ft.build_ticks(syms, days[0], days[-1], cache=False, **kw)), "days": len(days)}
         print(json.dumps(out))
     """)
@@ -297,7 +367,8 @@ def test_peak_rss_of_many_day_blocks_stays_at_one_block(wide_minute_store):
                            capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     r = json.loads(child.stdout.strip().splitlines()[-1])
-    assert r["days"] == 21 and r["block"] > 6_000_000
-    # the caller's block, the one being built and its scratch: a few blocks, whatever the number of days
-    assert r["two"] < 4 * r["block"] and r["many"] < 4 * r["block"], r
-    assert r["one"] > 15 * r["block"] and r["one"] > 5 * r["many"], r
+    assert r["days"] == 21 and r["block"] > 6_000_000 and 2 * r["block"] > r["budget"] > r["block"]
+    # the caller's block, the one being built and its scratch, and the records read ahead: whatever the days
+    assert r["two"] < 4 * r["block"] + r["budget"] and r["many"] < 4 * r["block"] + r["budget"], r
+    assert r["least"] < 4 * r["block"], r
+    assert r["one"] > 15 * r["block"] and r["one"] > 3 * r["many"] and r["one"] > 5 * r["least"], r
