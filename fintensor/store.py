@@ -34,6 +34,8 @@ import os
 import shutil
 import time
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -246,6 +248,66 @@ class Store:
         Intraday rows without a ``date`` get the local session date of their ``time``.
         ``adjust`` is the adjustment the prices are in (stored as the manifest's ``adjustment``).
         """
+        pdir, table, meta, rounded = self._bars_write(symbol, data, interval, source, adjust, adjusted_as_of,
+                                                      timezone, units, on_conflict)
+        if dry_run:  # no lock: a writer may commit meanwhile, and the plan starts again from its manifest
+            return dataclasses.replace(_lock_free(lambda: self._plan(pdir, table, meta, on_conflict).result, pdir),
+                                       rounded=rounded)
+        with self.lock():
+            result = self._commit(pdir, self._plan(pdir, table, meta, on_conflict))
+            if alias:
+                self._record_alias(alias, meta["symbol"])
+        result.rounded = rounded
+        return result
+
+    def write_bars_many(self, tables: Iterable[tuple[str, object]], *, interval: str = "1d", source: str,
+                        adjust: str = "raw", timezone: str | None = None, units: dict | None = None,
+                        on_conflict: str = "error", threads: int = 8) -> list[WriteResult]:
+        """``write_bars`` for many symbols at once: ``tables`` yields (symbol, bars). One store lock for all;
+        each symbol's partition commits on its own by the same protocol (part aside, fsynced, then the
+        manifest), up to ``threads`` at a time, so that their fsyncs overlap instead of queueing (the bulk
+        path for a whole market: thousands of partitions). At most 2 x ``threads`` tables are held at once.
+
+        A failure stops the batch: the partitions committed before it are listed in the error (a
+        StoreWriteError's ``committed``, or the message), the failing one is left as it was, and running the
+        same call again with ``on_conflict="keep"`` completes the rest.
+        """
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise BadInputError(f"threads must be a positive integer, got {threads!r}")
+        _check_on_conflict(on_conflict)
+
+        def write_one(symbol, data) -> WriteResult:
+            pdir, table, meta, rounded = self._bars_write(symbol, data, interval, source, adjust, None, timezone,
+                                                          units, on_conflict)
+            result = self._commit(pdir, self._plan(pdir, table, meta, on_conflict))
+            result.rounded = rounded
+            return result
+
+        results: list[WriteResult] = []
+        with self.lock(), ThreadPoolExecutor(threads, thread_name_prefix="fintensor-write") as pool:
+            pending: deque = deque()
+            try:
+                for symbol, data in tables:
+                    pending.append(pool.submit(write_one, symbol, data))
+                    while len(pending) >= 2 * threads or (pending and pending[0].done()):
+                        results.append(pending.popleft().result())
+                while pending:
+                    results.append(pending.popleft().result())
+            except BaseException as exc:
+                for job in pending:  # the writes in flight finish (or fail) before anything is reported
+                    if not job.cancel() and job.exception() is None:
+                        results.append(job.result())
+                if isinstance(exc, StoreWriteError):
+                    raise StoreWriteError(str(exc), committed=results + exc.committed) from None
+                if type(exc) in (BadInputError, ConflictError, MissingDataError, StoreCorruptError) and results:
+                    raise type(exc)(f"{exc} ({len(results)} other partition(s) of this batch were committed "
+                                    "before it; mend that and run the batch again with on_conflict='keep' to complete it)") from None
+                raise
+        return results
+
+    def _bars_write(self, symbol, data, interval, source, adjust, adjusted_as_of, timezone, units, on_conflict
+                    ) -> tuple[Path, pa.Table, dict, int]:
+        """write_bars' checks: (partition dir, conformed table, manifest meta, rounded count)."""
         sym = _symbols.normalize(symbol)
         interval = parse_interval(interval)
         kind = interval_kind(interval)
@@ -266,15 +328,7 @@ class Store:
             raise BadInputError(f"{sym} {interval}: the store holds it in the layout of an older fintensor (one "
                                 f"adjustment per symbol); run `fintensor cache migrate` (Store.migrate()) first, "
                                 f"then store {adjust!r} prices beside it; nothing was written")
-        if dry_run:  # no lock: a writer may commit meanwhile, and the plan starts again from its manifest
-            return dataclasses.replace(_lock_free(lambda: self._plan(pdir, table, meta, on_conflict).result, pdir),
-                                       rounded=rounded)
-        with self.lock():
-            result = self._commit(pdir, self._plan(pdir, table, meta, on_conflict))
-            if alias:
-                self._record_alias(alias, sym)
-        result.rounded = rounded
-        return result
+        return pdir, table, meta, rounded
 
     def write_ticks(self, symbol: str, data, *, source: str, timezone: str | None = None,
                     units: dict | None = None, on_conflict: str = "error",

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fintensor.errors import BadInputError, ConflictError, MissingDataError, StoreBusyError, StoreCorruptError
+from fintensor.errors import (BadInputError, ConflictError, MissingDataError, StoreBusyError, StoreCorruptError,
+                              StoreWriteError)
 from fintensor.schema import DISK_SCHEMAS
 from fintensor.store import DAILY_SCHEMA, MAX_PARTS, SCHEMAS, Store
 
@@ -679,3 +680,85 @@ def test_lock_timeout_is_a_clear_error(store, shared_data):
         with pytest.raises(StoreBusyError, match="locked by another fintensor process; waited 0 s"):
             other.write_bars("AAPL", sp500(shared_data, "AAPL", rows=5), source="yahoo")
     assert other.write_bars("AAPL", sp500(shared_data, "AAPL", rows=5), source="yahoo").added == 2
+
+
+# ------------------------------------------------------------------------------ bulk write (many symbols)
+def _sp500_names(shared_data) -> list[str]:
+    return sorted(p.name[:-len("_data.csv")] for p in (shared_data / "us_daily/sp500_5yr_yahoo").glob("*_data.csv"))
+
+
+def test_write_bars_many_stores_what_write_bars_stores(shared_data, tmp_path):
+    """The 30 real US stocks written in one bulk call (4 at a time) read back exactly as one write_bars per
+    symbol stores them, every partition passes verify, and the results account for every row."""
+    names = _sp500_names(shared_data)
+    frames = {n: sp500(shared_data, n) for n in names}
+    one, bulk = Store(tmp_path / "one"), Store(tmp_path / "bulk")
+    for n in names:
+        one.write_bars(n, frames[n], source="csv")
+    results = bulk.write_bars_many(((n, frames[n]) for n in names), source="csv", threads=4)
+    assert [r.symbol for r in results] == names  # in the order given
+    assert [r.added for r in results] == [len(frames[n]) for n in names]
+    for n in names:
+        a, b = one.read(n), bulk.read(n)
+        assert a.equals(b) and len(b) == len(frames[n])
+        assert bulk.manifest(n)["rows"] == one.manifest(n)["rows"]
+    assert not bulk.verify()
+    again = bulk.write_bars_many(((n, frames[n]) for n in names), source="csv", threads=4)
+    assert all(r.noop and r.unchanged == len(frames[n]) for r, n in zip(again, names))
+
+
+def test_write_bars_many_stops_at_a_conflict_and_says_what_committed(shared_data, tmp_path):
+    names = _sp500_names(shared_data)[:6]
+    frames = {n: sp500(shared_data, n) for n in names}
+    store = Store(tmp_path / "s")
+    changed = frames[names[3]].copy()
+    store.write_bars(names[3], changed, source="csv")
+    before = store.manifest(names[3])
+    frames[names[3]] = changed.assign(close=changed.close + 1)  # a conflicting rewrite of one symbol
+    with pytest.raises(ConflictError, match=r"partition\(s\) of this batch were committed before it") as err:
+        store.write_bars_many(((n, frames[n]) for n in names), source="csv", threads=1)
+    assert names[3] in str(err.value) and "on_conflict='keep'" in str(err.value)
+    assert store.manifest(names[3]) == before  # the failing partition is left as it was
+    committed = [n for n in names if store.manifest(n) is not None and n != names[3]]
+    assert committed[:3] == names[:3]  # those before it, and any already in flight, committed; and said so
+    assert f"({len(committed)} other partition(s)" in str(err.value)
+    assert not store.verify()
+    done = store.write_bars_many(((n, frames[n]) for n in names), source="csv", on_conflict="keep")
+    assert [n for n in names if store.manifest(n) is not None] == names and not store.verify()
+    assert done[3].conflicts == len(changed) and np.array_equal(store.read(names[3], as_pandas=True).close, changed.close)
+
+
+def test_write_bars_many_disk_full_lists_the_committed_partitions(shared_data, tmp_path, monkeypatch):
+    """A write that fails part-way (ENOSPC on the 5th file written) raises StoreWriteError whose
+    ``committed`` names exactly the partitions whose manifests exist; nothing half-written remains."""
+    import errno
+
+    from fintensor import store as store_module
+
+    names = _sp500_names(shared_data)[:8]
+    store = Store(tmp_path / "s")
+    store.write_bars("AAPL", sp500(shared_data, "AAPL", 10), source="csv")  # the store exists (lock, format)
+    real, calls = store_module.atomic_write_bytes, []
+
+    def failing(path, data):
+        calls.append(path)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(store_module, "atomic_write_bytes", failing)
+    with pytest.raises(StoreWriteError, match="No space left") as err:
+        store.write_bars_many(((n, sp500(shared_data, n)) for n in names if n != "AAPL"), source="csv", threads=2)
+    monkeypatch.setattr(store_module, "atomic_write_bytes", real)
+    committed = sorted(r.symbol for r in err.value.committed)
+    assert committed == sorted(n for n in names if n != "AAPL" and store.manifest(n) is not None)
+    assert 1 <= len(committed) < len(names) - 1
+    assert not store.verify()
+    leftovers = [p for p in (tmp_path / "s").rglob("*") if p.is_file() and p.name.endswith(".tmp")]
+    assert not leftovers
+
+
+@pytest.mark.parametrize("threads", [0, -1, 2.5, True, "4"])
+def test_write_bars_many_refuses_bad_threads(tmp_path, threads):
+    with pytest.raises(BadInputError, match="threads must be a positive integer"):
+        Store(tmp_path / "s").write_bars_many([], source="csv", threads=threads)

@@ -214,30 +214,31 @@ class SyntheticMarket:
 
     # ------------------------------------------------------------------------------ store
     def write(self, store, symbols: Sequence[str] | None = None) -> int:
-        """Write every symbol's daily bars (one write per symbol, source="synthetic"); returns rows written."""
+        """Write every symbol's daily bars (``Store.write_bars_many``: one partition per symbol, committed
+        several at a time under one lock; source="synthetic"); returns rows written."""
         by_stock = {k: np.ascontiguousarray(v.T) for k, v in (  # (stocks, days): each symbol contiguous
             ("open", self.open), ("high", self.high), ("low", self.low), ("close", self.close),
             ("volume", self.volume), ("amount", self.amount), ("trade_status", self.status))}
         dates = pa.array(self.dates.astype(np.int32)).cast(pa.date32())
         wanted = set(self.symbols if symbols is None else symbols)
-        rows = 0
-        with store.lock():  # one lock for the whole batch
+        def tables():
             for i, sym in enumerate(self.symbols):
                 if sym not in wanted:
                     continue
                 listed = by_stock["trade_status"][i] >= 0
                 lo, hi = int(listed.argmax()), len(listed) - int(listed[::-1].argmax())  # listed life
                 cols = {k: v[i, lo:hi] for k, v in by_stock.items()}
-                table = pa.table({
+                yield sym, pa.table({
                     "date": dates[lo:hi], **{k: cols[k] for k in ("open", "high", "low", "close")},
                     "adj_close": cols["close"], "volume": cols["volume"], "amount": cols["amount"],
                     "trade_status": pa.array(cols["trade_status"], pa.int8()),
                     # known to have no corporate actions, so every adjustment (raw/split/full) can be built
                     "dividend": np.zeros(hi - lo), "split": np.ones(hi - lo),
                 })
-                store.write_bars(sym, table, interval="1d", source=SOURCE, adjust="raw",
-                                 timezone=self.timezone, units={"volume": "shares", "price_scale": 1})
-                rows += table.num_rows
+
+        results = store.write_bars_many(tables(), interval="1d", source=SOURCE, adjust="raw",
+                                        timezone=self.timezone, units={"volume": "shares", "price_scale": 1})
+        rows = sum(r.added + r.updated + r.unchanged for r in results)
         return rows
 
 
@@ -629,15 +630,11 @@ class SyntheticMinuteBars:
         return df[["symbol", "time", "date", *MINUTE_FIELDS]]
 
     def write(self, store, symbols: Sequence[str] | None = None) -> int:
-        """Write every stock's bars (``interval="1m"``, source="synthetic", one commit per symbol under one
-        store lock); returns rows written."""
-        rows = 0
-        with store.lock():
-            for sym, table in self.blocks(symbols):
-                store.write_bars(sym, table, interval="1m", source=SOURCE, adjust="raw",
-                                 timezone=self.market.timezone, units={"volume": "shares", "price_scale": 1})
-                rows += table.num_rows
-        return rows
+        """Write every stock's bars (``interval="1m"``, source="synthetic"; ``Store.write_bars_many``: one
+        commit per symbol, several at a time under one store lock); returns rows written."""
+        results = store.write_bars_many(self.blocks(symbols), interval="1m", source=SOURCE, adjust="raw",
+                                        timezone=self.market.timezone, units={"volume": "shares", "price_scale": 1})
+        return sum(r.added + r.updated + r.unchanged for r in results)
 
 
 def minute_bars(market: SyntheticMarket, days: int | Sequence = 21, seed: int = 0) -> SyntheticMinuteBars:
