@@ -7,8 +7,9 @@
 Each stage runs in a fresh process and reports its wall time, CPU time (user + system) and peak RSS
 (its own ru_maxrss); the files it makes are handed to the next stage in a temp directory:
 
-  synth     ft.synthetic.market(N, T) written to a store (one Store.write_bars per symbol, one lock)
-  build     ft.build(all symbols, OHLCV, float32), saved as a tensor file
+  synth     ft.synthetic.market(N, T) written to a store (Store.write_bars_many: the bulk write path)
+  build     ft.build(all symbols, OHLCV, float32), saved as a tensor file; its own peak RSS (VmHWM reset
+            after the imports) over the output's size (values + mask)
   alpha158  ft.features.compute(t, "alpha158", out=PANEL, memory=...): the memory-mapped panel
   gather    random minibatches (800 x 20 x 158) from Windows on the map vs the same panel in RAM, on one
             thread and on every core (page cache warm; skipped when the panel does not fit in half the RAM)
@@ -17,7 +18,7 @@ Each stage runs in a fresh process and reports its wall time, CPU time (user + s
             frames) + pd.concat, on --baseline-stocks stocks (the largest it is run at), per stock vs alpha158
   minute    --minute-days (default 21; 0 skips) sessions of 1-minute bars for the market's stocks
             (ft.synthetic.minute_bars of the market regenerated over its first min(days, 252) sessions,
-            seed 1) written to a store of their own (one commit per symbol, one lock)
+            seed 1) written to a store of their own (Store.write_bars_many)
   mdays     ft.build_days over those sessions one day at a time (OHLCV, 1min slots, float32, read-ahead
             budget --minute-memory): seconds per day block, the first block's latency (it reads the
             first span of days), rows and block shape
@@ -63,15 +64,37 @@ def stage_synth(a) -> None:
     _report(rows=rows, generate_s=gen, write_s=time.perf_counter() - t0 - gen)
 
 
+def _status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: now; VmHWM: the peak since the last reset) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    """Start VmHWM again from the current RSS (Linux >= 4.0), so a peak is the stage's own work's."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def stage_build(a) -> None:
     import torch
 
     import fintensor as ft
 
     syms, start, end = json.loads((a.work / "symbols.json").read_text())
-    t = ft.build(syms, start, end, fields=FIELDS, dtype=torch.float32, store=ft.Store(a.work / "store"), cache=False)
+    store = ft.Store(a.work / "store")
+    ft.build(syms[:2], start, end, fields=FIELDS, dtype=torch.float32, store=store, cache=False)  # imports, kernels
+    before = _status_mb("VmRSS")
+    _reset_peak()
+    t0 = time.perf_counter()
+    t = ft.build(syms, start, end, fields=FIELDS, dtype=torch.float32, store=store, cache=False)
+    seconds = time.perf_counter() - t0
+    peak = _status_mb("VmHWM")
+    out_mb = (t.values.numel() * t.values.element_size() + t.mask.numel()) / 2**20  # values + mask
     t.save(a.work / "ohlcv.safetensors")
-    _report(shape=list(t.shape), mb=t.values.numel() * 4 / 2**20)
+    _report(shape=list(t.shape), seconds=seconds, mb=t.values.numel() * 4 / 2**20, output_mb=out_mb,
+            baseline_mb=before, build_peak_mb=peak, added_over_output=(peak - before) / out_mb)
 
 
 def stage_alpha158(a) -> None:
@@ -299,6 +322,10 @@ def _market_stages(a, only) -> None:
                 _run(s, a)
         return
     r = {s: _run(s, a) for s in ("synth", "build", "alpha158")}
+    b = r["build"]
+    print(f"build: ft.build {b['seconds']:.1f} s, output {b['output_mb']:.0f} MB (values + mask), peak RSS "
+          f"{b['build_peak_mb']:.0f} MB = {b['baseline_mb']:.0f} MB interpreter and imports + "
+          f"{b['build_peak_mb'] - b['baseline_mb']:.0f} MB ({b['added_over_output']:.2f}x the output)")
     panel_mb = r["alpha158"]["panel_mb"]
     total_kb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     if panel_mb * 4 / 5 < total_kb / 2:
@@ -313,7 +340,7 @@ def _market_stages(a, only) -> None:
           f"stocks (peak RSS {base['rss_mb']:.0f} MB) vs fintensor out of core "
           f"{r['alpha158']['per_stock_ms']:.1f} ms/stock: {base['per_stock_ms'] / r['alpha158']['per_stock_ms']:.1f}x")
     peak = max(x["rss_mb"] for x in r.values())
-    print(f"market {a.stocks} stocks x {a.days} days: build {r['build']['wall']:.1f} s, alpha158 "
+    print(f"market {a.stocks} stocks x {a.days} days: build {r['build']['seconds']:.1f} s, alpha158 "
           f"{r['alpha158']['seconds']:.1f} s, panel {panel_mb:.0f} MB, peak RSS {peak:.0f} MB, epoch "
           f"{r['epoch']['seconds']:.1f} s" + (f" (scaled from {r['epoch']['measured_seconds']:.1f} s on "
                                                f"{r['epoch']['train_days']} train days)"

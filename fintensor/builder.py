@@ -465,7 +465,8 @@ def _build_daily(store, syms, manifests, days, fields, cal, adjust, fill_spec, t
             values[p[0]:p[-1] + 1, j] = block
         else:
             values[p, j] = block
-    observed = ~np.isnan(values)
+    observed = np.isnan(values)  # in place below: one (T, N, F) bool array, no temporary of its size
+    np.logical_not(observed, out=observed)
     if fill_spec is not None:
         spans = np.array([[np.datetime64(manifests[s]["start"][:10], "D").astype(np.int64),
                            np.datetime64(manifests[s]["end"][:10], "D").astype(np.int64)] for s in syms])
