@@ -2,9 +2,11 @@
 
     python benchmarks/bench_rolling.py            # (5000, 2000) float64 panel, 1 % NaN; alpha158 500 x 3300
     python benchmarks/bench_rolling.py --quick    # (1000, 500); alpha158 100 x 600
+    python benchmarks/bench_rolling.py --kernels median,quantile,rank   # those rows of the table only
 
 Per kernel and window (min_periods = window, output preallocated): fintensor with 1 and 2 threads
-(best of 3), bottleneck.move_* along axis 0 and pandas DataFrame.rolling (one run each), the ratios,
+(best of 3), bottleneck.move_* along axis 0 and pandas DataFrame.rolling (one run each), the ratios (quantile
+against bottleneck's move_median, as bottleneck has no moving quantile),
 and the effective bandwidth (bytes read + written / time) next to np.copyto of the same array.
 Then the first-call times (a fresh numba cache: compile; the same cache again: load), and the
 Alpha158 preset from a (time, stock, feature) float32 tensor of a synthetic market (ft.synthetic)
@@ -68,7 +70,9 @@ def kernels(x: np.ndarray, out: np.ndarray, w: int):
         "max": (lambda: rolling.max(x, w, out=out), lambda: bn.move_max(x, w, axis=0), r.max),
         "argmax": (lambda: rolling.argmax(x, w, out=out), lambda: bn.move_argmax(x, w, axis=0), None),
         "median": (lambda: rolling.median(x, w, out=out), lambda: bn.move_median(x, w, axis=0), r.median),
-        "rank": (lambda: rolling.rank(x, w, out=out), None, r.rank),
+        "quantile 0.3": (lambda: rolling.quantile(x, w, 0.3, out=out), lambda: bn.move_median(x, w, axis=0),
+                         lambda: r.quantile(0.3)),
+        "rank": (lambda: rolling.rank(x, w, out=out), lambda: bn.move_rank(x, w, axis=0), r.rank),
         "beta (market)": (lambda: rolling.beta(x, market, w, out=out), None,
                           lambda: r.cov(frame[0]) / frame[0].rolling(w).var()),
         "corr (pairs)": (lambda: rolling.corr(x, x[::-1].copy(), w, out=out), None,
@@ -78,7 +82,7 @@ def kernels(x: np.ndarray, out: np.ndarray, w: int):
     }
 
 
-def bench_kernels(T: int, N: int, windows: list[int], slow: set[str]) -> None:
+def bench_kernels(T: int, N: int, windows: list[int], slow: set[str], only: set[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     x = 100 + rng.standard_normal((T, N)).cumsum(axis=0)
     x[rng.random((T, N)) < 0.01] = np.nan
@@ -93,6 +97,8 @@ def bench_kernels(T: int, N: int, windows: list[int], slow: set[str]) -> None:
     print("-" * len(header))
     cases = [(w, name) for w in windows for name in kernels(x, out, w)]
     cases += [(1, "returns"), (1, "diff")]
+    if only is not None:
+        cases = [(w, name) for w, name in cases if name.split()[0] in only]
     for w, name in cases:
         if name == "returns":
             ours, theirs_bn, theirs_pd = (lambda: rolling.returns(x, out=out), None,
@@ -164,14 +170,19 @@ def bench_features(n_stocks: int, n_days: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--kernels", help="comma-separated kernel names: only their rows, no first-call or "
+                                      "alpha158 timings")
     args = ap.parse_args()
+    only = set(args.kernels.split(",")) if args.kernels else None
     print(f"numba {numba.__version__}, bottleneck {bn.__version__}, pandas {pd.__version__}, "
           f"{os.cpu_count()} CPUs, NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS}, "
           f"load average {os.getloadavg()[0]:.1f} (timings assume an otherwise idle machine)\n")
     if args.quick:
-        bench_kernels(1000, 500, [20, 250], slow=set())
-    else:  # pandas' rank and median at window 250 take minutes on this panel: skipped
-        bench_kernels(5000, 2000, [20, 250], slow={"rank", "median"})
+        bench_kernels(1000, 500, [20, 250], slow=set(), only=only)
+    else:  # pandas' rank, median and quantile at window 250 take minutes on this panel: skipped
+        bench_kernels(5000, 2000, [20, 250], slow={"rank", "median", "quantile 0.3"}, only=only)
+    if only is not None:
+        return
     bench_first_call()
     bench_features(*((100, 600) if args.quick else (500, 3300)))
 

@@ -523,3 +523,72 @@ def test_rolling_keeps_torch_thread_count():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "1"
+
+
+def _order_panel(T: int, N: int, seed: int, dtype) -> np.ndarray:
+    """Columns that stress order statistics: a walk, ties, one-ulp neighbours, -0.0 next to 0.0,
+    +-inf, random NaN, a NaN gap and an all-NaN column."""
+    rng = np.random.default_rng(seed)
+    x = 100.0 + rng.standard_normal((T, N)).cumsum(axis=0)
+    x[:, 1] = rng.integers(0, 4, T)
+    x[:, 2] = 1.0 + rng.integers(0, 6, T) * np.finfo(dtype).eps
+    x[:, 3] = np.where(rng.random(T) < 0.5, -0.0, 0.0) + rng.integers(-1, 2, T)
+    x[:, 4] = np.where(rng.random(T) < 0.1, np.inf, np.where(rng.random(T) < 0.1, -np.inf, x[:, 4]))
+    x[rng.random((T, N)) < 0.1] = np.nan
+    x[T // 3:T // 3 + 300, 5] = np.nan
+    x[:, 6] = np.nan
+    return x.astype(dtype)
+
+
+# windows either side of the switch from the short-window kernel (sorted copies) to the block scheme:
+# median / quantile at 1 KiB of values, rank alone at 1.5 KiB
+@pytest.mark.parametrize("dtype, window", [(np.float64, 1), (np.float64, 2), (np.float64, 5), (np.float64, 127),
+                                           (np.float64, 128), (np.float64, 129), (np.float64, 192),
+                                           (np.float64, 193), (np.float32, 20), (np.float32, 256),
+                                           (np.float32, 257), (np.float32, 384), (np.float32, 385)])
+def test_short_and_block_order_kernels_agree_and_equal_pandas(dtype, window):
+    """Both order-statistics kernels give the same values bit for bit (the sign of a zero aside),
+    for every statistic, rank method, direction, pct and min_periods, and they equal pandas (but on
+    the column with infinities, where pandas' rolling median and quantile give NaN)."""
+    from fintensor.rolling import _order
+
+    T = 3 * window + 400
+    x = _order_panel(T, 40, window, dtype)  # 40 columns: a strip's remainder in the short kernel
+    for minp in (0, 1, window // 2, window):
+        for whats, qs in (([_order._MEDIAN], [0.0]), ([_order._QUANTILE], [0.3]),
+                          ([_order._QUANTILE] * 2, [0.0, 1.0]),
+                          ([_order._QUANTILE, _order._QUANTILE, _order._RANK], [0.8, 0.2, 0.0]),
+                          ([_order._RANK], [0.0])):
+            for method, ascending, pct in ((0, True, False), (1, False, True), (2, True, True)):
+                whats_a, qs_a = np.array(whats), np.array(qs)
+                short, block = (np.full((len(whats), T, 40), -1.0, dtype=dtype) for _ in range(2))
+                args = (window, minp, whats_a, qs_a, method, ascending, pct, 0, 40)
+                _order._short_order_kernel(x, short, *args)
+                _order._order_columns(x, block, *args)
+                np.testing.assert_array_equal(short, block, err_msg=f"{whats} {minp} {method} {ascending} {pct}")
+    x = np.delete(x, 4, axis=1)
+    frame = pd.DataFrame(x.astype(np.float64))
+    r = frame.rolling(window, min_periods=window // 2)
+    cast = (lambda a: a.astype(dtype)) if dtype == np.float32 else (lambda a: a)
+    np.testing.assert_array_equal(rolling.median(x, window, min_periods=window // 2), cast(r.median().to_numpy()))
+    np.testing.assert_allclose(rolling.quantile(x, window, 0.3, min_periods=window // 2),
+                               r.quantile(0.3).to_numpy(), rtol=1e-15 if dtype == np.float64 else 1e-7, atol=0)
+    np.testing.assert_array_equal(rolling.rank(x, window, min_periods=window // 2), cast(r.rank().to_numpy()))
+    np.testing.assert_array_equal(rolling.rank(x, window, method="min", ascending=False, pct=True,
+                                               min_periods=window // 2),
+                                  cast(r.rank(method="min", ascending=False, pct=True).to_numpy()))
+
+
+def test_order_statistics_pick_the_kernel_by_window_bytes():
+    """Short windows take the sorted-copy kernel, long ones the block scheme (the switch the test
+    above crosses)."""
+    from fintensor.rolling import _order
+
+    med, rank = np.array([_order._MEDIAN]), np.array([_order._RANK])
+    assert _order._order_kernel_for(128, np.float64, med) is _order._short_order_kernel
+    assert _order._order_kernel_for(129, np.float64, med) is _order._order_columns
+    assert _order._order_kernel_for(256, np.float32, med) is _order._short_order_kernel
+    assert _order._order_kernel_for(192, np.float64, rank) is _order._short_order_kernel
+    assert _order._order_kernel_for(193, np.float64, rank) is _order._order_columns
+    both = np.array([_order._QUANTILE, _order._RANK])
+    assert _order._order_kernel_for(192, np.float64, both) is _order._order_columns

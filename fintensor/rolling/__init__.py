@@ -19,9 +19,12 @@ How it is fast and exact (details at each kernel):
   per block. Nothing is ever subtracted out of a running sum, so a spike leaves no residue, and
   sums of squares are taken around a pivot value inside the window, so a price of 1e6 moving by
   1e-3 keeps its digits. It is as exact as recomputing every window, and O(T).
-* median / quantile / rank sort each block's values once (numpy's integer sort of keys that carry
-  the row) and merge adjacent blocks; a window is a bitset over its pair of blocks' sorted order,
-  so a step is a bit flip plus a popcount search, not a shift of a sorted copy.
+* median / quantile / rank of a short window (up to 128 float64 or 256 float32 values) keep each
+  column's window sorted and update it in one branch-free pass of compares and selects, SIMD across
+  columns (a rank counts the window's smaller values the same way). A long window's rows are sorted
+  once per block (numpy's integer sort of keys that carry the row), adjacent blocks merged, and a
+  window is a bitset over its pair of blocks' sorted order, so a step is a bit flip plus a popcount
+  search, not a shift of a sorted copy.
 * Kernels accumulate in float64 and are compiled (and cached on disk) only for 2-D C-contiguous
   float32 and float64 panels.
 
@@ -42,7 +45,7 @@ from ._cross import _cs_rank_kernel, _cs_zscore_kernel
 from ._kernels import (_ARGMAX, _ARGMIN, _BETA, _CORR, _COUNT, _COV, _DIFF, _LOGRET, _MAX, _MEAN, _MIN, _PCT,
                        _RESID, _RSQUARE, _SHIFT, _STD, _SUM, _VAR, _ZSCORE, _comoments_kernel, _ewm_mean_kernel,
                        _ewm_var_kernel, _extremes_kernel, _lag_kernel, _moments_kernel, _sums_kernel)
-from ._order import _MEDIAN, _QUANTILE, _RANK, _order_columns
+from ._order import _MEDIAN, _QUANTILE, _RANK, _order_kernel_for
 from ._parallel import _run
 from ._torch import _torch_cs, _torch_ewm, _torch_lag, _torch_pairwise, _torch_rolling
 
@@ -72,7 +75,8 @@ def _windowed(kind: str, x, axis, out, engine: str, window, min_periods, ddof=1,
 
     def numba_fn(p, r):
         if kind in _ORDER:
-            _run(_order_columns, p.shape[1], p, r[None], window, min_periods, np.array([_ORDER[kind]]),
+            whats = np.array([_ORDER[kind]])
+            _run(_order_kernel_for(window, p.dtype, whats), p.shape[1], p, r[None], window, min_periods, whats,
                  np.array([a["q"]]), RANK_METHODS[method], ascending, pct)
         else:
             kernel, mode = _BLOCK[kind]
@@ -152,7 +156,8 @@ def _order_stats(x: np.ndarray, window: int, min_periods: int, quantiles=(), pct
     x = np.ascontiguousarray(x, dtype=np.float64)
     out = np.empty((len(whats),) + x.shape)
     if x.size:
-        _run(_order_columns, x.shape[1], x, out, int(window), int(min_periods), whats, qs, 0, True, True)
+        _run(_order_kernel_for(int(window), x.dtype, whats), x.shape[1], x, out, int(window), int(min_periods),
+             whats, qs, 0, True, True)
     return list(out)
 
 
