@@ -4,8 +4,10 @@
     python benchmarks/bench_market.py --stocks 1000 --days 2520
     python benchmarks/bench_market.py --quick                  # 100 stocks x 500 days (CI)
 
-Each stage runs in a fresh process and reports its wall time, CPU time (user + system) and peak RSS
-(its own ru_maxrss); the files it makes are handed to the next stage in a temp directory:
+Each stage runs in a fresh process and reports its wall time, CPU time (user + system), peak RSS (its
+ru_maxrss) and peak heap (RssAnon sampled every 20 ms: its own memory, without the page-cache pages of
+the files it maps, which ru_maxrss counts); the files it makes are handed to the next stage in a temp
+directory. The last line's "peak RSS" is the largest peak heap of the stages:
 
   synth     ft.synthetic.market(N, T) written to a store (Store.write_bars_many: the bulk write path)
   build     ft.build(all symbols, OHLCV, float32), saved as a tensor file; its own peak RSS (VmHWM reset
@@ -40,28 +42,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["open", "high", "low", "close", "volume"]
 START = "2000-01-03"
-
-
-def _report(**numbers) -> None:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({**numbers, "cpu": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024}))
-
-
-def stage_synth(a) -> None:
-    import fintensor as ft
-
-    t0 = time.perf_counter()
-    m = ft.synthetic.market(a.stocks, a.days, start=START, seed=1)
-    gen = time.perf_counter() - t0
-    rows = m.write(ft.Store(a.work / "store"))
-    (a.work / "symbols.json").write_text(json.dumps([list(m.symbols), str(m.dates[0]), str(m.dates[-1])]))
-    _report(rows=rows, generate_s=gen, write_s=time.perf_counter() - t0 - gen)
 
 
 def _status_mb(field: str) -> float:
@@ -75,6 +62,37 @@ def _status_mb(field: str) -> float:
 def _reset_peak() -> None:
     """Start VmHWM again from the current RSS (Linux >= 4.0), so a peak is the stage's own work's."""
     Path("/proc/self/clear_refs").write_text("5")
+
+
+_heap_peak = [0.0]
+
+
+def _sample_heap(every_s: float = 0.02) -> None:
+    """Keep the peak of RssAnon (the process's own memory: heap, arrays) in a daemon thread. ru_maxrss
+    also counts the pages of files the process maps, i.e. the on-disk panel it reads in page cache,
+    which the kernel can drop at any time; at full size that is most of the panel."""
+    def loop():
+        while True:
+            _heap_peak[0] = max(_heap_peak[0], _status_mb("RssAnon"))
+            time.sleep(every_s)
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def _report(**numbers) -> None:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    heap = max(_heap_peak[0], _status_mb("RssAnon"))
+    print(json.dumps({**numbers, "cpu": ru.ru_utime + ru.ru_stime, "rss_mb": ru.ru_maxrss / 1024, "heap_mb": heap}))
+
+
+def stage_synth(a) -> None:
+    import fintensor as ft
+
+    t0 = time.perf_counter()
+    m = ft.synthetic.market(a.stocks, a.days, start=START, seed=1)
+    gen = time.perf_counter() - t0
+    rows = m.write(ft.Store(a.work / "store"))
+    (a.work / "symbols.json").write_text(json.dumps([list(m.symbols), str(m.dates[0]), str(m.dates[-1])]))
+    _report(rows=rows, generate_s=gen, write_s=time.perf_counter() - t0 - gen)
 
 
 def stage_build(a) -> None:
@@ -249,8 +267,9 @@ def _run(stage: str, a) -> dict:
         sys.exit(f"stage {stage} failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["wall"] = wall
-    extra = {k: v for k, v in r.items() if k not in ("cpu", "rss_mb", "wall", "history")}
+    extra = {k: v for k, v in r.items() if k not in ("cpu", "rss_mb", "heap_mb", "wall", "history")}
     print(f"{stage:9s} wall {wall:8.1f} s  cpu {r['cpu']:8.1f} s  peak RSS {r['rss_mb']:8.0f} MB  "
+          f"heap {r['heap_mb']:8.0f} MB  "
           + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items()), flush=True)
     return r
 
@@ -290,6 +309,7 @@ def main() -> None:
     if only and "mdays" in only and "minute" not in only and not a.work:
         p.error("--only mdays reads the store a minute stage wrote: add minute, or pass its --work")
     if a.stage:
+        _sample_heap()
         STAGES[a.stage](a)
         return
     keep = a.work is not None
@@ -339,7 +359,9 @@ def _market_stages(a, only) -> None:
     print(f"pandas per-stock Alpha158 + pd.concat: {base['per_stock_ms']:.0f} ms/stock on {base['stocks']} "
           f"stocks (peak RSS {base['rss_mb']:.0f} MB) vs fintensor out of core "
           f"{r['alpha158']['per_stock_ms']:.1f} ms/stock: {base['per_stock_ms'] / r['alpha158']['per_stock_ms']:.1f}x")
-    peak = max(x["rss_mb"] for x in r.values())
+    peak = max(x["heap_mb"] for x in r.values())
+    print(f"peak RSS per stage (ru_maxrss, counting the mapped panel's file pages) vs its own memory (peak "
+          f"RssAnon): " + ", ".join(f"{k} {x['rss_mb']:.0f}/{x['heap_mb']:.0f} MB" for k, x in r.items()))
     print(f"market {a.stocks} stocks x {a.days} days: build {r['build']['seconds']:.1f} s, alpha158 "
           f"{r['alpha158']['seconds']:.1f} s, panel {panel_mb:.0f} MB, peak RSS {peak:.0f} MB, epoch "
           f"{r['epoch']['seconds']:.1f} s" + (f" (scaled from {r['epoch']['measured_seconds']:.1f} s on "
