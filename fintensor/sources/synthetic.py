@@ -216,30 +216,31 @@ class SyntheticMarket:
     def write(self, store, symbols: Sequence[str] | None = None) -> int:
         """Write every symbol's daily bars (``Store.write_bars_many``: one partition per symbol, committed
         several at a time under one lock; source="synthetic"); returns rows written."""
-        by_stock = {k: np.ascontiguousarray(v.T) for k, v in (  # (stocks, days): each symbol contiguous
-            ("open", self.open), ("high", self.high), ("low", self.low), ("close", self.close),
-            ("volume", self.volume), ("amount", self.amount), ("trade_status", self.status))}
+        fields = (("open", self.open), ("high", self.high), ("low", self.low), ("close", self.close),
+                  ("volume", self.volume), ("amount", self.amount), ("trade_status", self.status))
         dates = pa.array(self.dates.astype(np.int32)).cast(pa.date32())
         wanted = set(self.symbols if symbols is None else symbols)
+
         def tables():
-            for i, sym in enumerate(self.symbols):
-                if sym not in wanted:
-                    continue
-                listed = by_stock["trade_status"][i] >= 0
-                lo, hi = int(listed.argmax()), len(listed) - int(listed[::-1].argmax())  # listed life
-                cols = {k: v[i, lo:hi] for k, v in by_stock.items()}
-                yield sym, pa.table({
-                    "date": dates[lo:hi], **{k: cols[k] for k in ("open", "high", "low", "close")},
-                    "adj_close": cols["close"], "volume": cols["volume"], "amount": cols["amount"],
-                    "trade_status": pa.array(cols["trade_status"], pa.int8()),
-                    # known to have no corporate actions, so every adjustment (raw/split/full) can be built
-                    "dividend": np.zeros(hi - lo), "split": np.ones(hi - lo),
-                })
+            for c0 in range(0, len(self.symbols), 256):  # 256 symbols transposed at a time: each one contiguous
+                by_stock = {k: np.ascontiguousarray(v[:, c0:c0 + 256].T) for k, v in fields}
+                for i, sym in enumerate(self.symbols[c0:c0 + 256]):
+                    if sym not in wanted:
+                        continue
+                    listed = by_stock["trade_status"][i] >= 0
+                    lo, hi = int(listed.argmax()), len(listed) - int(listed[::-1].argmax())  # listed life
+                    cols = {k: v[i, lo:hi] for k, v in by_stock.items()}
+                    yield sym, pa.table({
+                        "date": dates[lo:hi], **{k: cols[k] for k in ("open", "high", "low", "close")},
+                        "adj_close": cols["close"], "volume": cols["volume"], "amount": cols["amount"],
+                        "trade_status": pa.array(cols["trade_status"], pa.int8()),
+                        # known to have no corporate actions, so every adjustment (raw/split/full) can be built
+                        "dividend": np.zeros(hi - lo), "split": np.ones(hi - lo),
+                    })
 
         results = store.write_bars_many(tables(), interval="1d", source=SOURCE, adjust="raw",
                                         timezone=self.timezone, units={"volume": "shares", "price_scale": 1})
-        rows = sum(r.added + r.updated + r.unchanged for r in results)
-        return rows
+        return sum(r.added + r.updated + r.unchanged for r in results)
 
 
 # ------------------------------------------------------------------------------------- generation
