@@ -129,7 +129,7 @@ def bench_synthetic_write(tmp: Path) -> None:
     t0 = time.perf_counter()
     market.write(Store(tmp / "synthetic"))
     seconds = time.perf_counter() - t0
-    row("SyntheticMarket.write -> Store.write_bars x 500", seconds, base)
+    row("SyntheticMarket.write -> Store.write_bars_many (500)", seconds, base)
     print(f"  {'':<52} {rows / seconds / 1e6:10.2f} M rows/s into the store")
 
 
