@@ -286,10 +286,15 @@ class Store:
         results: list[WriteResult] = []
         with self.lock(), ThreadPoolExecutor(threads, thread_name_prefix="fintensor-write") as pool:
             pending: deque = deque()
+            latest: dict = {}  # symbol -> its last write submitted: one symbol's writes run one after another
             try:
                 for symbol, data in tables:
-                    pending.append(pool.submit(write_one, symbol, data))
-                    while len(pending) >= 2 * threads or (pending and pending[0].done()):
+                    key = _symbols.normalize(symbol) if isinstance(symbol, str) else symbol
+                    while key in latest and not latest[key].done() or len(pending) >= 2 * threads:
+                        results.append(pending.popleft().result())
+                    latest[key] = pool.submit(write_one, symbol, data)
+                    pending.append(latest[key])
+                    while pending and pending[0].done():
                         results.append(pending.popleft().result())
                 while pending:
                     results.append(pending.popleft().result())

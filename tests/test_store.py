@@ -762,3 +762,21 @@ def test_write_bars_many_disk_full_lists_the_committed_partitions(shared_data, t
 def test_write_bars_many_refuses_bad_threads(tmp_path, threads):
     with pytest.raises(BadInputError, match="threads must be a positive integer"):
         Store(tmp_path / "s").write_bars_many([], source="csv", threads=threads)
+
+
+def test_write_bars_many_writes_one_symbol_twice_in_order(shared_data, tmp_path):
+    """The same symbol many times in one batch (AAPL in 8 pieces, spelled two ways, then a revision of one
+    day): its writes run one after the other, never two commits of one partition at once, so nothing is
+    lost (8 threads racing on one partition's manifest would keep only some pieces)."""
+    aapl = sp500(shared_data, "AAPL")
+    pieces = [aapl.iloc[idx] for idx in np.array_split(np.arange(len(aapl)), 8)]
+    revised = aapl.iloc[[10]].assign(close=aapl.close.iloc[10] + 1)
+    batch = [("AAPL" if i % 2 else "aapl", piece) for i, piece in enumerate(pieces)] + [("AAPL", revised)]
+    store = Store(tmp_path / "s")
+    results = store.write_bars_many(batch, source="csv", threads=8, on_conflict="overwrite")
+    assert [r.added for r in results] == [len(p) for p in pieces] + [0] and results[-1].updated == 1
+    back = store.read("AAPL", as_pandas=True)
+    expected = aapl.close.to_numpy().copy()
+    expected[10] += 1
+    assert len(back) == len(aapl) and np.array_equal(back.close.to_numpy(), expected)
+    assert not store.verify()
