@@ -283,6 +283,19 @@ def _run_compaction(root: Path, data: Path) -> None:
     Store(root).write_bars("AAPL", rows.iloc[ft.store.MAX_PARTS:ft.store.MAX_PARTS + 5], source="file:yahoo")
 
 
+BULK = ["AAPL", "MSFT", "AMZN", "BAC", "CSCO", "JPM"]
+
+
+def _setup_bulk(root: Path, data: Path) -> None:
+    Store(root).write_bars("AAPL", _daily_rows(data, "AAPL").iloc[:100], source="file:yahoo")
+
+
+def _run_bulk(root: Path, data: Path) -> None:
+    """Store.write_bars_many: six real symbols (AAPL appended to), three partitions committing at once."""
+    Store(root).write_bars_many(((s, _daily_rows(data, s).iloc[:300]) for s in BULK), source="file:yahoo",
+                                threads=3)
+
+
 def _setup_ticks(root: Path, data: Path) -> None:
     raw = pd.read_csv(_shared(data) / HIKYUU_TICKS, dtype={"datetime": str})
     raw = raw[raw.symbol.isin(["000001.SZ", "600000.SH"])]
@@ -422,6 +435,7 @@ SCENARIOS = {s.name: s for s in (
     Scenario("import-new", _setup_import_new, _run_import_new),
     Scenario("import-merge", _setup_import_merge, _run_import_merge),
     Scenario("compaction", _setup_compaction, _run_compaction),
+    Scenario("bulk-write", _setup_bulk, _run_bulk),
     Scenario("ticks", _setup_ticks, _run_ticks),
     Scenario("download", _setup_download, _run_download),
     Scenario("remove", _setup_remove, _run_remove),

@@ -42,6 +42,7 @@ TRIALS = {
     "import-new": (14, 4),
     "import-merge": (12, 4),
     "compaction": (10, 3),
+    "bulk-write": (10, 3),
     "ticks": (12, 4),
     "download": (12, 4),
     "remove": (8, 3),
