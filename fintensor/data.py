@@ -401,6 +401,10 @@ class Windows:
     def gather(self, positions: torch.Tensor) -> torch.Tensor:
         """Windows of the samples at ``positions`` (n*T + t): (B, lookback, F), one index_select."""
         starts = positions.to(self.panel.device) - (self.lookback - 1)
+        if self._mapped and len(starts) and (int(starts.min()) < 0 or int(starts.max()) >= len(self._windows)):
+            raise BadInputError(f"positions must lie in [{self.lookback - 1}, {len(self._windows) + self.lookback - 2}]"
+                                " (n*T + t of a window inside the panel), got "
+                                f"{int(positions.min())} .. {int(positions.max())}")
         with self._copy_threads(len(starts) * self.lookback * self.n_features * self.panel.element_size()):
             x = self._gather_mapped(starts) if self._mapped else torch.index_select(self._windows, 0, starts)
         return self._on_device(x)

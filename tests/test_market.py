@@ -290,3 +290,15 @@ def test_training_from_the_map_is_training_from_ram(feature_pair, one_torch_thre
     keys = [k for k in a.history[0] if "loss" in k or k.endswith("ic")]
     assert keys
     assert [[r[k] for k in keys] for r in a.history] == [[r[k] for k in keys] for r in b.history]
+
+
+def test_gather_from_the_map_refuses_positions_outside_it(feature_pair):
+    """The map is read by a compiled kernel without bounds checks: a position outside the panel is one clear
+    error (the in-RAM path's index_select raises too), never a read past the mapped file."""
+    _, mapped, labels = feature_pair
+    w = Windows(mapped, labels, 10, label_reach=2)
+    T, N, _ = mapped.shape
+    for bad in ([8], [N * T], [0, 10**12], [-5]):
+        with pytest.raises(BadInputError, match="positions must lie in"):
+            w.gather(torch.tensor(bad))
+    assert w.gather(torch.tensor([9, N * T - 1])).shape == (2, 10, mapped.shape[2])
