@@ -145,6 +145,7 @@ def _short_order_kernel(x, out, window, min_periods, whats, qs, method, ascendin
 _NAN_KEY = np.int64(0x7FFFFFFFFFFFFFFF)  # the sort key of NaN (and of rows past the end): last
 _ONE = np.uint64(1)
 _ORDER_MIN_BLOCK = 32  # rows: shorter blocks for short windows would cost more per block than per row
+_KEY_TILE = 32  # rows of a chunk turned into keys at a time (a float64 copy of them in L2)
 _ORDER_KEY_BYTES = 1 << 24  # a column chunk's sort keys at most (16 MiB), but never fewer than a strip
 
 
@@ -224,29 +225,42 @@ def _count_below(words, base, place):
 
 
 @njit(**_JIT)
-def _block_keys(x, bits, window, row_bits):
-    """(columns, blocks, window) int64 sort keys of a (T, columns) float64 chunk ``x`` (``bits``
-    is the same memory as int64) cut into blocks of ``window`` rows: the value's bits mapped to an
-    integer of the same order, its lowest ``row_bits`` bits replaced by the row's offset in the
-    block (NaN and rows past the end sort last). Values that differ only in the replaced bits may
-    sort in the wrong order; ``_order_kernel`` repairs that."""
-    T, n = x.shape
+def _block_keys(x, c0, c1, window, row_bits, keys, part):
+    """Into ``keys`` (columns, blocks, window) the int64 sort keys of columns c0..c1-1 of the
+    (T, M) float32/float64 panel ``x`` cut into blocks of ``window`` rows: the value's float64 bits
+    mapped to an integer of the same order, its lowest ``row_bits`` bits replaced by the row's
+    offset in the block (NaN and rows past the end sort last); into ``part`` (T, columns) the
+    values in float64. Values that differ only in the replaced bits may sort in the wrong order;
+    ``_order_kernel`` repairs that. _KEY_TILE rows at a time: each column's keys go out in runs,
+    not one value per page."""
+    T = x.shape[0]
+    n = c1 - c0
     n_blocks = (T + window - 1) // window
-    keys = np.empty((n, n_blocks, window), dtype=np.int64)
+    tile = np.empty((_KEY_TILE, n))  # the tile's rows in float64, read as int64 below
+    bits = tile.view(np.int64)
+    bs = np.empty(_KEY_TILE, dtype=np.int64)  # the tile's rows: block, row in the block
+    rs = np.empty(_KEY_TILE, dtype=np.int64)
     low = np.int64((1 << row_bits) - 1)
     flip = np.int64(0x7FFFFFFFFFFFFFFF)
-    for t in range(n_blocks * window):
-        b, r = t // window, t % window
-        if t < T:
-            for j in range(n):
-                k = bits[t, j]
+    for t0 in range(0, n_blocks * window, _KEY_TILE):
+        rows = _imin(_KEY_TILE, n_blocks * window - t0)
+        for i in range(rows):
+            if t0 + i < T:
+                src, dst, cp = x[t0 + i, c0:c1], tile[i], part[t0 + i]
+                for j in range(n):
+                    v = np.float64(src[j])
+                    dst[j] = v
+                    cp[j] = v
+            else:
+                tile[i, :] = np.nan
+        for i in range(rows):
+            bs[i], rs[i] = (t0 + i) // window, (t0 + i) % window
+        for j in range(n):
+            for i in range(rows):
+                k = bits[i, j]
                 k = k ^ ((k >> 63) & flip)  # negative floats: reverse their order
-                k = k if x[t, j] == x[t, j] else _NAN_KEY
-                keys[j, b, r] = (k & ~low) | r
-        else:
-            for j in range(n):
-                keys[j, b, r] = _NAN_KEY
-    return keys
+                k = k if tile[i, j] == tile[i, j] else _NAN_KEY
+                keys[j, bs[i], rs[i]] = (k & ~low) | rs[i]
 
 
 @njit(**_JIT)
@@ -401,10 +415,14 @@ def _order_columns(x, out, window, min_periods, whats, qs, method, ascending, pc
     row_bits = _imax(1, (block - 1).bit_length())
     padded = -(-T // block) * block
     chunk = _imax(_ORDER_STRIP, _ORDER_KEY_BYTES // (8 * padded) // _ORDER_STRIP * _ORDER_STRIP)
+    size = _imin(chunk, stop - first)
+    key_buf = np.empty(size * padded, dtype=np.int64)  # numpy's memory, reused: fewer page faults
+    part_buf = np.empty(size * T)
     for c0 in range(first, stop, chunk):
         c1 = _imin(c0 + chunk, stop)
-        part = np.ascontiguousarray(x[:, c0:c1], dtype=np.float64)
-        keys = _block_keys(part, part.view(np.int64), block, row_bits)
+        keys = key_buf[:(c1 - c0) * padded].reshape(c1 - c0, padded // block, block)
+        part = part_buf[:(c1 - c0) * T].reshape(T, c1 - c0)
+        _block_keys(x, c0, c1, block, row_bits, keys, part)
         keys.sort(axis=-1)
         _order_kernel(part, keys, out, window, block, min_periods, whats, qs, method, ascending, pct, c0, row_bits)
 
