@@ -12,7 +12,7 @@ from numba.extending import intrinsic
 
 from ._kernels import _JIT, _NAN, _imax, _imin
 
-_ORDER_STRIP = 16  # columns whose sorted windows are kept side by side (16 x window values: L1 / L2)
+_ORDER_STRIP = 16  # columns taken block by block together (their previous blocks' sorted values: L2)
 _QUANTILE, _MEDIAN, _RANK = range(3)
 # A window of at most this many bytes (128 float64 / 224 float32 values; for rank alone, whose
 # count is cheaper than keeping a sorted copy, 192 / 384) takes the short-window kernel: its
