@@ -388,9 +388,9 @@ def test_results_do_not_depend_on_the_thread_count():
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = [f(x, 30) for f in (rolling.std, rolling.mean, rolling.argmax)]
+        one = [f(x, 30) for f in (rolling.std, rolling.mean, rolling.argmax)] + [rolling.median(x, 250)]
         numba.set_num_threads(before)
-        many = [f(x, 30) for f in (rolling.std, rolling.mean, rolling.argmax)]
+        many = [f(x, 30) for f in (rolling.std, rolling.mean, rolling.argmax)] + [rolling.median(x, 250)]
     finally:
         numba.set_num_threads(before)
     for a, b in zip(one, many):
@@ -541,11 +541,14 @@ def _order_panel(T: int, N: int, seed: int, dtype) -> np.ndarray:
 
 
 # windows either side of the switch from the short-window kernel (sorted copies) to the block scheme:
-# median / quantile at 1 KiB of values, rank alone at 1.5 KiB
+# median / quantile at 1 KiB of float64 values (896 bytes of float32), rank alone at 1.5 KiB; 250 and
+# 251: an even and an odd block (the merge of a block pair from both ends meets in the middle)
 @pytest.mark.parametrize("dtype, window", [(np.float64, 1), (np.float64, 2), (np.float64, 5), (np.float64, 127),
                                            (np.float64, 128), (np.float64, 129), (np.float64, 192),
-                                           (np.float64, 193), (np.float32, 20), (np.float32, 256),
-                                           (np.float32, 257), (np.float32, 384), (np.float32, 385)])
+                                           (np.float64, 193), (np.float64, 250), (np.float64, 251),
+                                           (np.float32, 20), (np.float32, 224), (np.float32, 225),
+                                           (np.float32, 256), (np.float32, 257), (np.float32, 384),
+                                           (np.float32, 385)])
 def test_short_and_block_order_kernels_agree_and_equal_pandas(dtype, window):
     """Both order-statistics kernels give the same values bit for bit (the sign of a zero aside),
     for every statistic, rank method, direction, pct and min_periods, and they equal pandas (but on
@@ -587,7 +590,9 @@ def test_order_statistics_pick_the_kernel_by_window_bytes():
     med, rank = np.array([_order._MEDIAN]), np.array([_order._RANK])
     assert _order._order_kernel_for(128, np.float64, med) is _order._short_order_kernel
     assert _order._order_kernel_for(129, np.float64, med) is _order._order_columns
-    assert _order._order_kernel_for(256, np.float32, med) is _order._short_order_kernel
+    assert _order._order_kernel_for(224, np.float32, med) is _order._short_order_kernel
+    assert _order._order_kernel_for(225, np.float32, med) is _order._order_columns
+    assert _order._order_kernel_for(384, np.float32, rank) is _order._short_order_kernel
     assert _order._order_kernel_for(192, np.float64, rank) is _order._short_order_kernel
     assert _order._order_kernel_for(193, np.float64, rank) is _order._order_columns
     both = np.array([_order._QUANTILE, _order._RANK])

@@ -19,7 +19,7 @@ How it is fast and exact (details at each kernel):
   per block. Nothing is ever subtracted out of a running sum, so a spike leaves no residue, and
   sums of squares are taken around a pivot value inside the window, so a price of 1e6 moving by
   1e-3 keeps its digits. It is as exact as recomputing every window, and O(T).
-* median / quantile / rank of a short window (up to 128 float64 or 256 float32 values) keep each
+* median / quantile / rank of a short window (up to 128 float64 or 224 float32 values) keep each
   column's window sorted and update it in one branch-free pass of compares and selects, SIMD across
   columns (a rank counts the window's smaller values the same way). A long window's rows are sorted
   once per block (numpy's integer sort of keys that carry the row), adjacent blocks merged, and a
