@@ -6,7 +6,7 @@ import math
 import numpy as np
 from numba import njit
 
-from ._kernels import _JIT, _NAN
+from ._kernels import _JIT, _NAN, _rank_value
 
 @njit(**_JIT)
 def _cs_rank_kernel(x, order, out, method, ascending, pct, first, stop):
@@ -24,15 +24,9 @@ def _cs_rank_kernel(x, order, out, method, ascending, pct, first, stop):
             h = g + 1
             while h < k and row[idx[h]] == row[idx[g]]:
                 h += 1
-            below, upto = (g, h) if ascending else (k - h, k - g)
-            if method == 1:
-                rk = below + 1.0
-            elif method == 2:
-                rk = float(upto)
-            else:
-                rk = (below + 1 + upto) / 2.0
+            rk = _rank_value(g, h, k, method, ascending, pct)
             for m in range(g, h):
-                out[i, idx[m]] = rk / k if pct else rk
+                out[i, idx[m]] = rk
             g = h
 
 

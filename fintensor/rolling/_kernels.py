@@ -18,6 +18,22 @@ _imin, _imax = builtins.min, builtins.max
 _SCRATCH_BYTES = 1 << 25  # a strip's suffix scratch at most (32 MiB): bounds memory for long windows
 _MIN_STRIP = 512  # columns: shorter row segments make the memory traffic slow (rows are far apart)
 
+
+@njit(inline="always")
+def _rank_value(below, upto, k, method, ascending, pct):
+    """The rank (pandas' ``method`` 0 average, 1 min, 2 max) of a value with ``below`` of the ``k`` valid
+    values (of a window, or of a cross-section) smaller than it and ``upto`` not larger."""
+    if not ascending:
+        below, upto = k - upto, k - below
+    if method == 1:
+        res = below + 1.0
+    elif method == 2:
+        res = float(upto)
+    else:
+        res = (below + 1 + upto) / 2.0
+    return res / k if pct else res
+
+
 # kernel modes (small ints, so that one compiled kernel serves a family of statistics)
 _SUM, _MEAN, _COUNT, _VAR, _STD, _ZSCORE = range(6)
 _COV, _CORR, _BETA, _RESID, _RSQUARE = range(5)

@@ -10,7 +10,7 @@ from numba import njit, types
 from llvmlite import ir as llvm_ir
 from numba.extending import intrinsic
 
-from ._kernels import _JIT, _NAN, _imax, _imin
+from ._kernels import _JIT, _NAN, _imax, _imin, _rank_value
 
 _ORDER_STRIP = 16  # columns taken block by block together (their previous blocks' sorted values: L2)
 _QUANTILE, _MEDIAN, _RANK = range(3)
@@ -24,21 +24,6 @@ _SHORT_WINDOW_BYTES = 1024
 _SHORT_WINDOW_BYTES_F32 = 896
 _SHORT_RANK_BYTES = 1536
 _SHORT_STRIP = 256  # columns advanced in lockstep: long SIMD loops, two sorted copies in L2
-
-
-@njit(inline="always")
-def _rank_value(below, upto, k, method, ascending, pct):
-    """The rank (pandas' ``method`` 0 average, 1 min, 2 max) of a value with ``below`` of the
-    window's ``k`` valid values smaller than it and ``upto`` not larger."""
-    if not ascending:
-        below, upto = k - upto, k - below
-    if method == 1:
-        res = below + 1.0
-    elif method == 2:
-        res = float(upto)
-    else:
-        res = (below + 1 + upto) / 2.0
-    return res / k if pct else res
 
 
 # =================================================================== short windows: sorted copies
