@@ -256,7 +256,8 @@ class Windows:
     (``in_memory=None``, the default, or False): minibatches are gathered straight from the memory map and
     normalised as they are gathered (the same float32 operations as the in-memory path, so the same
     numbers), the normaliser is fitted on the train segment in a streaming pass over blocks of stocks, and
-    no window or normalised copy of the panel is made. ``in_memory=True`` loads it into RAM as before.
+    no window or normalised copy of the panel is made. The map is then advised for random access
+    (``ondisk.advise``: no read-around of megabytes per page fault). ``in_memory=True`` loads it into RAM.
     """
 
     def __init__(self, features, labels=None, lookback: int = 20, *, segments=None, label_reach: int = 0,
@@ -312,6 +313,8 @@ class Windows:
                 normaliser = _fit_mapped(feature_norm, values, observed, self.segments["train"], self.feature_names,
                                          clip)
             self.normaliser, self._panel_dtype = normaliser, dtype
+            for x in (values, observed):  # the passes above read in order; training reads at random
+                ondisk.advise(x, "random")
             self.panel = values  # (N, T, F) memory map, raw (not normalised)
             self._windows = values.reshape(-1).as_strided((N * T - lookback + 1, lookback, F), (F, F, 1))
             self._mask_panel = observed

@@ -221,3 +221,31 @@ def stock_major(t: StockTensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     v, m = t.values.permute(1, 0, 2), t.mask.permute(1, 0, 2)
     return (v, m) if v.is_contiguous() and m.is_contiguous() else None
+
+
+_MADV = {"normal": 0, "random": 1, "sequential": 2}  # Linux and macOS share these three values
+
+
+def advise(x: torch.Tensor, pattern: str) -> bool:
+    """Tell the kernel how the memory of ``x`` (a view of a map) will be read: ``"random"`` turns off the
+    read-around a page fault on a file map triggers (as large as the device's read-ahead, 8 MiB on this
+    project's machine: random minibatches then read megabytes per window and, when the page cache is
+    bounded, evict the windows they need); ``"sequential"`` or ``"normal"`` restore read-ahead. Returns
+    False where the platform has no madvise (nothing changes then)."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    if pattern not in _MADV:
+        raise BadInputError(f"unknown access pattern {pattern!r}; use one of {sorted(_MADV)}")
+    if x.numel() == 0 or os.name != "posix":
+        return False
+    page = mmap.PAGESIZE
+    start = x.data_ptr() // page * page
+    length = x.data_ptr() + x.numel() * x.element_size() - start
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return False
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV[pattern]) == 0

@@ -302,3 +302,35 @@ def test_gather_from_the_map_refuses_positions_outside_it(feature_pair):
         with pytest.raises(BadInputError, match="positions must lie in"):
             w.gather(torch.tensor(bad))
     assert w.gather(torch.tensor([9, N * T - 1])).shape == (2, 10, mapped.shape[2])
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (Linux /proc/self/smaps)."""
+    flags, inside = [], False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            flags = line.split()[1:]
+    return flags
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_windows_advise_the_map_for_random_reads(feature_pair, tmp_path):
+    """Training reads windows at random: Windows advises the map MADV_RANDOM (the kernel's "rr" flag), so a
+    page fault does not read the device's read-ahead (megabytes) around each window; the values read are
+    the same."""
+    in_ram, _, labels = feature_pair
+    mapped = _write_panel(in_ram, tmp_path / "p")
+    values, mask = ondisk.stock_major(mapped)
+    assert "rr" not in _vm_flags(values.data_ptr())
+    w = Windows(mapped, labels, 10, label_reach=2)
+    assert "rr" in _vm_flags(values.data_ptr()) and "rr" in _vm_flags(mask.data_ptr())
+    a = Windows(in_ram, labels, 10, label_reach=2)
+    pos = w.positions["train"][:500]
+    assert torch.equal(w.gather(pos), a.gather(pos))
+    with pytest.raises(BadInputError, match="access pattern"):
+        ondisk.advise(values, "backwards")
+    assert ondisk.advise(values, "normal") and "rr" not in _vm_flags(values.data_ptr())
