@@ -32,8 +32,6 @@ Rules (all without look-ahead):
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -45,6 +43,7 @@ from numba.extending import intrinsic, overload
 
 from . import ondisk
 from .errors import BadInputError
+from .rolling._parallel import in_ranges
 from .tensor import StockTensor, _to_datetime64
 
 MISSING = ("drop", "zero")
@@ -424,9 +423,11 @@ class Windows:
             clip = np.inf if self.normaliser.clip is None else float(self.normaliser.clip)
         center, scale = np.tile(center, self.lookback), np.tile(scale, self.lookback)
         x = np.empty((len(starts), self.lookback, F), dtype=np.float32)
-        args = (self.panel.numpy().reshape(-1), self._mask_panel.numpy().reshape(-1),
-                self._complete.numpy().reshape(-1), center, scale, np.float32(clip), starts.numpy(), x)
-        _in_threads(_gather_normalised, args, 6, torch.get_num_threads())  # as many as the copy policy allows
+        panel = (self.panel.numpy().reshape(-1), self._mask_panel.numpy().reshape(-1),
+                 self._complete.numpy().reshape(-1), center, scale, np.float32(clip))
+        s = starts.numpy()
+        in_ranges(lambda a, b: _gather_normalised(*panel, s[a:b], x[a:b]), len(s),
+                  torch.get_num_threads())  # as many threads as the copy policy allows
         out = torch.from_numpy(x)
         return out if self._panel_dtype == torch.float32 else out.to(self._panel_dtype).float()
 
@@ -596,30 +597,6 @@ def _gather_normalised(values, observed, complete, center, scale, clip, starts, 
                     v = x[i]
                     z = min(max((v - center[i]) / scale[i], -clip), clip)
                     x[i] = z if observed[base + i] and v - v == 0 else np.float32(0.0)
-
-
-_pool: ThreadPoolExecutor | None = None
-
-
-def _in_threads(kernel, args: tuple, split: int, threads: int) -> None:
-    """``kernel(*args)`` on up to ``threads`` threads, each given a contiguous share of the first axis of
-    the arrays ``args[split:]`` (the kernel releases the GIL; its results do not depend on the split)."""
-    global _pool
-    n = len(args[split])
-    threads = max(1, min(threads, n))
-    if threads == 1:
-        kernel(*args)
-        return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="fintensor-gather")
-    bounds = [n * i // threads for i in range(threads + 1)]
-
-    def share(a: int, b: int) -> tuple:
-        return args[:split] + tuple(x[a:b] for x in args[split:])
-    pending = [_pool.submit(kernel, *share(a, b)) for a, b in zip(bounds[1:-1], bounds[2:])]
-    kernel(*share(bounds[0], bounds[1]))
-    for job in pending:
-        job.result()
 
 
 def _stock_blocks(values: torch.Tensor, nbytes: int = 64 << 20) -> range:

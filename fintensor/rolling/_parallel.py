@@ -43,7 +43,6 @@ def _run(kernel: Callable, units: int, *args) -> None:
     range per thread (``numba.get_num_threads()``; the kernels release the GIL). Results do not
     depend on the split. The first call per (kernel, dtype) in this process compiles or loads the
     cached machine code, alone, under an inter-process lock."""
-    global _pool
     key = (kernel.__name__, args[0].dtype.char)
     if key not in _warm:
         with _cache_lock():
@@ -51,16 +50,21 @@ def _run(kernel: Callable, units: int, *args) -> None:
         _warm.add(key)
         return
     threads = _imin(_numba_threads(), units) if args[0].size >= _SERIAL_BELOW else 1
-    if threads <= 1:
-        kernel(*args, 0, units)
+    in_ranges(lambda first, stop: kernel(*args, first, stop), units, threads)
+
+
+def in_ranges(call: Callable[[int, int], None], units: int, threads: int) -> None:
+    """``call(first, stop)`` over ``units`` split into up to ``threads`` contiguous ranges: the first in
+    this thread, the others on one pool shared by every caller (the calls must release the GIL)."""
+    global _pool
+    threads = _imax(1, _imin(threads, units))
+    if threads == 1:
+        call(0, units)
         return
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_imax(1, (os.cpu_count() or 2) - 1),
-                                   thread_name_prefix="fintensor-rolling")
+        _pool = ThreadPoolExecutor(max_workers=_imax(1, (os.cpu_count() or 2) - 1), thread_name_prefix="fintensor")
     bounds = [units * i // threads for i in range(threads + 1)]
-    pending = [_pool.submit(kernel, *args, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-    kernel(*args, bounds[0], bounds[1])
+    pending = [_pool.submit(call, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    call(bounds[0], bounds[1])
     for job in pending:
         job.result()
-
-
