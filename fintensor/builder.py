@@ -187,6 +187,11 @@ def _torch_dtype(dtype) -> torch.dtype:
     raise BadInputError(f"dtype {dtype!r} is not a floating dtype; use torch.float32 or torch.float64")
 
 
+def _np_dtype(tdtype: torch.dtype):
+    """The numpy float type a build of torch dtype ``tdtype`` fills (float64 or float32)."""
+    return np.float64 if tdtype == torch.float64 else np.float32
+
+
 def _parse_fill(fill) -> tuple[str, int | None] | None:
     """None, 'ffill' (no limit) or ('ffill', limit)."""
     if fill is None or fill is False:
@@ -447,8 +452,7 @@ def unkept_messages(tensor: StockTensor) -> list[str]:
 def _build_daily(store, syms, manifests, days, fields, cal, adjust, fill_spec, tdtype, fingerprint,
                  keep_from: int = 0, period=None, row_range=None):
     T, N, F = len(days), len(syms), len(fields)
-    np_dtype = np.float64 if tdtype == torch.float64 else np.float32
-    values = np.full((T, N, F), np.nan, dtype=np_dtype)
+    values = np.full((T, N, F), np.nan, dtype=_np_dtype(tdtype))
     day_ints = days.astype(np.int64)
     lo, hi = row_range or (days[0].astype(dt.date), days[-1].astype(dt.date))
     row_bounds = (np.datetime64(lo, "D").astype(np.int64), np.datetime64(hi, "D").astype(np.int64))
@@ -751,10 +755,6 @@ def _tick_plan(symbols, start, end, freq, fields, store, calendar, interval, dty
                                        f"{days[i]}; build the days before and after it separately")
     return _TickPlan(store, syms, fields, freq_s, tdtype, cal, days, segs, n_slots, source, adjusts, fingerprint,
                      sources, tick_days)
-
-
-def _np_dtype(tdtype: torch.dtype):
-    return np.float64 if tdtype == torch.float64 else np.float32
 
 
 def _span_blocks(p: _TickPlan, per: int, budget: int) -> int:
